@@ -1,0 +1,46 @@
+# One entry point for people and CI. Everything installs into .venv on first use.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PYTHON := $(BIN)/python
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: install protos run test lint typecheck pytest bench demo-assets clean
+
+install: $(STAMP)
+
+# torch first, pinned to the CPU build that lies on this machine's disk, so nothing pulls
+# a multi-GB CUDA build; pyproject keeps the open range (torch>=2.4) for real users.
+$(STAMP): pyproject.toml
+	test -x $(PYTHON) || $(PY) -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --upgrade pip
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install --quiet torch==2.13.0
+	$(PYTHON) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+protos: install
+	$(PYTHON) protos/generate.py
+
+demo-assets: install
+	$(BIN)/oneseek demo-assets
+
+run: install
+	$(BIN)/oneseek up
+
+lint: install
+	$(BIN)/ruff check services gateway tests bench
+	$(BIN)/ruff format --check services gateway tests bench
+	$(BIN)/mypy
+
+pytest: install
+	$(BIN)/pytest
+
+test: lint pytest
+
+bench: install
+	$(PYTHON) bench/train_throughput.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache var

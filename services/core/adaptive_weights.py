@@ -1,0 +1,286 @@
+"""Adaptive weights: after each epoch, boost the best model's learning rate, penalise the worst.
+
+Pure functions on plain mappings (DESIGN.md section 6); the trainer applies the result.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from services.core.errors import InvalidInput
+
+_SECTION = "adaptive_weights"
+
+
+def _real(value: object, field: str) -> float:
+    # bool is an int subclass; True as a multiplier is always a caller's mistake
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidInput(f"{field} must be a number, got {value!r}.", field=field)
+    number = float(value)
+    if not math.isfinite(number):
+        raise InvalidInput(f"{field} must be a finite number, got {value!r}.", field=field)
+    return number
+
+
+def _flag(value: object, field: str) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidInput(f"{field} must be true or false, got {value!r}.", field=field)
+    return value
+
+
+@dataclass(frozen=True)
+class AdaptiveWeightsConfig:
+    """How far one epoch's ranking may move the learning-rate multipliers."""
+
+    enabled: bool = True
+    """False keeps every weight at 1.0 for the whole run."""
+    min_multiplier: float = 0.5
+    """Lowest weight a model can reach; 0 < min_multiplier <= 1."""
+    max_multiplier: float = 1.5
+    """Highest weight a model can reach; max_multiplier >= 1."""
+    top_model_boost: float = 0.3
+    """The best model's raw weight is w * (1 + boost)."""
+    bottom_model_penalty: float = 0.4
+    """The worst model's raw weight is w * (1 - penalty); 0 <= penalty < 1 keeps it positive."""
+    normalize_weights: bool = True
+    """Rescale so the weights average 1 (sum to N) after clamping."""
+
+    def __post_init__(self) -> None:
+        _flag(self.enabled, "enabled")
+        _flag(self.normalize_weights, "normalize_weights")
+        low = _real(self.min_multiplier, "min_multiplier")
+        high = _real(self.max_multiplier, "max_multiplier")
+        boost = _real(self.top_model_boost, "top_model_boost")
+        penalty = _real(self.bottom_model_penalty, "bottom_model_penalty")
+        # a scale c with sum(clamp(c * raw)) == N exists only when min <= 1 <= max
+        if not 0 < low <= 1:
+            raise InvalidInput(
+                f"min_multiplier must be greater than 0 and at most 1, got {low}.",
+                field="min_multiplier",
+            )
+        if high < 1:
+            raise InvalidInput(
+                f"max_multiplier must be at least 1, got {high}.", field="max_multiplier"
+            )
+        if boost < 0:
+            raise InvalidInput(
+                f"top_model_boost must be 0 or more, got {boost}.", field="top_model_boost"
+            )
+        if not 0 <= penalty < 1:
+            raise InvalidInput(
+                f"bottom_model_penalty must be at least 0 and below 1, got {penalty}.",
+                field="bottom_model_penalty",
+            )
+        for name, number in (
+            ("min_multiplier", low),
+            ("max_multiplier", high),
+            ("top_model_boost", boost),
+            ("bottom_model_penalty", penalty),
+        ):
+            object.__setattr__(self, name, number)
+
+    @classmethod
+    def from_mapping(cls, section: Mapping[str, Any]) -> AdaptiveWeightsConfig:
+        """Build from the nested `TRAINING_CONFIG["adaptive_weights"]` shape; absent keys keep
+        the defaults, unknown keys are refused so a typo never silently falls back."""
+        if not isinstance(section, Mapping):
+            raise InvalidInput(f"{_SECTION} must be a mapping, got {section!r}.", field=_SECTION)
+        allowed = (
+            "enabled",
+            "min_multiplier",
+            "max_multiplier",
+            "adjust_strategy",
+            "normalize_weights",
+        )
+        _refuse_unknown(section, allowed, _SECTION)
+        values: dict[str, Any] = {k: v for k, v in section.items() if k != "adjust_strategy"}
+        strategy = section.get("adjust_strategy", {})
+        field = f"{_SECTION}.adjust_strategy"
+        if not isinstance(strategy, Mapping):
+            raise InvalidInput(f"{field} must be a mapping, got {strategy!r}.", field=field)
+        _refuse_unknown(strategy, ("top_model_boost", "bottom_model_penalty"), field)
+        values.update(strategy)
+        return cls(**values)
+
+
+def _refuse_unknown(section: Mapping[str, Any], allowed: Sequence[str], field: str) -> None:
+    unknown = [key for key in section if key not in allowed]
+    if unknown:
+        raise InvalidInput(
+            f"Unknown key {unknown[0]!r} in {field}; allowed keys: {', '.join(allowed)}.",
+            field=field,
+        )
+
+
+@dataclass(frozen=True)
+class WeightAdjustment:
+    """One epoch's adjustment, in the shape of the `weight_adjustment` event."""
+
+    ranking: tuple[str, ...]
+    """Model names, best (lowest validation loss) first; ties broken by name."""
+    previous_weights: dict[str, float]
+    """The weights that were in force during the epoch just validated."""
+    raw_weights: dict[str, float]
+    """Boosted/penalised weights before clamping and normalising."""
+    weights: dict[str, float]
+    """The new weights, in force for the next epoch."""
+
+
+def initial_weights(models: Sequence[str]) -> dict[str, float]:
+    """Every model starts at 1.0."""
+    if isinstance(models, str):
+        raise InvalidInput("models must be a list of model names, not one string.", field="models")
+    weights = dict.fromkeys(models, 1.0)
+    if len(weights) != len(models):
+        duplicate = next(m for m in models if list(models).count(m) > 1)
+        raise InvalidInput(f"Model {duplicate!r} is listed twice.", field="models")
+    return weights
+
+
+def rank_models(val_losses: Mapping[str, float]) -> tuple[str, ...]:
+    """Model names, lowest validation loss first; equal losses in name order."""
+    losses = _check_losses(val_losses)
+    return tuple(sorted(losses, key=lambda model: (losses[model], model)))
+
+
+def adjust_weights(
+    weights: Mapping[str, float],
+    val_losses: Mapping[str, float],
+    config: AdaptiveWeightsConfig,
+) -> WeightAdjustment:
+    """Rank by validation loss, boost the best, penalise the worst, clamp and normalise."""
+    previous = _check_weights(weights, "weights")
+    if set(previous) != set(val_losses):
+        raise InvalidInput(
+            "weights and val_losses must name the same models; got "
+            f"{sorted(previous)} and {sorted(val_losses)}.",
+            field="val_losses",
+        )
+    ranking = rank_models(val_losses)
+    if len(previous) < 2 or not config.enabled:
+        return WeightAdjustment(ranking, dict(previous), dict(previous), dict(previous))
+
+    best, worst = ranking[0], ranking[-1]
+    raw = dict(previous)
+    raw[best] = previous[best] * (1 + config.top_model_boost)
+    raw[worst] = previous[worst] * (1 - config.bottom_model_penalty)
+    low, high = config.min_multiplier, config.max_multiplier
+    if config.normalize_weights:
+        new = normalize(raw, low, high)
+    else:
+        new = {model: _clamp(value, low, high) for model, value in raw.items()}
+    return WeightAdjustment(ranking, dict(previous), raw, new)
+
+
+def normalize(
+    raw: Mapping[str, float], min_multiplier: float, max_multiplier: float
+) -> dict[str, float]:
+    """Scale so that `clamp(c * raw_i, min, max)` sums to N; returns those clamped values.
+
+    f(c) = sum(clamp(c * raw_i)) is continuous, non-decreasing and linear between the
+    breakpoints min/raw_i and max/raw_i, so the exact c lies on one segment: find it, then
+    solve the linear equation there.
+    """
+    values = _check_weights(raw, "raw_weights")
+    low = _real(min_multiplier, "min_multiplier")
+    high = _real(max_multiplier, "max_multiplier")
+    if not 0 < low <= 1 <= high:
+        raise InvalidInput(
+            f"Need 0 < min_multiplier <= 1 <= max_multiplier, got {low} and {high}.",
+            field="min_multiplier",
+        )
+    if not values:
+        return {}
+    scale = _scale(list(values.values()), low, high, float(len(values)))
+    return {model: _clamp(scale * value, low, high) for model, value in values.items()}
+
+
+def _scale(raw: list[float], low: float, high: float, target: float) -> float:
+    def total(c: float) -> float:
+        return sum(_clamp(c * r, low, high) for r in raw)
+
+    points = sorted({low / r for r in raw} | {high / r for r in raw})
+    # at points[0] every value sits at `low`, at points[-1] every value sits at `high`
+    if total(points[0]) >= target:
+        return points[0]
+    for start, end in itertools.pairwise(points):
+        if total(end) < target:
+            continue
+        # inside (start, end) each value is pinned low, pinned high, or free (linear in c)
+        pinned = 0.0
+        free = 0.0
+        for r in raw:
+            if high / r <= start:
+                pinned += high
+            elif low / r >= end:
+                pinned += low
+            else:
+                free += r
+        if free == 0.0:
+            return end
+        return min(max((target - pinned) / free, start), end)
+    return points[-1]
+
+
+def lr_multipliers(weights: Mapping[str, float], learning_rate: float) -> dict[str, float]:
+    """The effective learning rate per model: `learning_rate * w`."""
+    rate = _real(learning_rate, "learning_rate")
+    return {model: rate * weight for model, weight in _check_weights(weights, "weights").items()}
+
+
+def population_loss(val_losses: Mapping[str, float], weights: Mapping[str, float]) -> float:
+    """`sum((w_i / N) * loss_i)` with the weights that were in force during the epoch."""
+    losses = _check_losses(val_losses)
+    checked = _check_weights(weights, "weights")
+    if set(losses) != set(checked):
+        raise InvalidInput(
+            "weights and val_losses must name the same models; got "
+            f"{sorted(checked)} and {sorted(losses)}.",
+            field="val_losses",
+        )
+    count = len(losses)
+    return sum((checked[model] / count) * loss for model, loss in losses.items())
+
+
+def _clamp(value: float, low: float, high: float) -> float:
+    return min(max(value, low), high)
+
+
+def _check_losses(val_losses: Mapping[str, float]) -> dict[str, float]:
+    if not isinstance(val_losses, Mapping) or not val_losses:
+        raise InvalidInput(
+            f"val_losses must map each model to its validation loss, got {val_losses!r}.",
+            field="val_losses",
+        )
+    losses: dict[str, float] = {}
+    for model, loss in val_losses.items():
+        if isinstance(loss, bool) or not isinstance(loss, (int, float)) or not math.isfinite(loss):
+            raise InvalidInput(
+                f"Validation loss of {model!r} must be a finite number, got {loss!r}.",
+                field="val_losses",
+            )
+        losses[model] = float(loss)
+    return losses
+
+
+def _check_weights(weights: Mapping[str, float], field: str) -> dict[str, float]:
+    if not isinstance(weights, Mapping):
+        raise InvalidInput(f"{field} must map each model to its weight.", field=field)
+    checked: dict[str, float] = {}
+    for model, weight in weights.items():
+        if (
+            isinstance(weight, bool)
+            or not isinstance(weight, (int, float))
+            or not math.isfinite(weight)
+            or weight <= 0
+        ):
+            raise InvalidInput(
+                f"Weight of {model!r} must be a finite number above 0, got {weight!r}.",
+                field=field,
+            )
+        checked[model] = float(weight)
+    return checked

@@ -1,0 +1,135 @@
+"""Confidence auto-stop: end a run once the population loss has stopped moving.
+
+A pure step function over an immutable state (DESIGN.md section 6); the trainer keeps the state.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from services.core.errors import InvalidInput
+
+_SECTION = "confidence_auto_stop"
+_KEYS = ("enabled", "threshold", "patience", "min_epochs")
+
+
+def _count(value: object, field: str) -> int:
+    # bool is an int subclass and a float like 3.0 hides a unit mistake: both are refused
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInput(f"{field} must be a whole number, got {value!r}.", field=field)
+    if value < 1:
+        raise InvalidInput(f"{field} must be at least 1, got {value}.", field=field)
+    return value
+
+
+@dataclass(frozen=True)
+class AutoStopConfig:
+    """When a plateau in the population loss ends the run."""
+
+    enabled: bool = True
+    """False still tracks change and streak (for display) but never stops the run."""
+    threshold: float = 0.001
+    """An epoch-to-epoch change below this counts towards the streak; >= 0."""
+    patience: int = 3
+    """Consecutive small changes needed to stop; >= 1."""
+    min_epochs: int = 2
+    """Never stop before this epoch; >= 1."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise InvalidInput(
+                f"enabled must be true or false, got {self.enabled!r}.", field="enabled"
+            )
+        threshold = self.threshold
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+            raise InvalidInput(f"threshold must be a number, got {threshold!r}.", field="threshold")
+        if not math.isfinite(threshold) or threshold < 0:
+            raise InvalidInput(
+                f"threshold must be a finite number of 0 or more, got {threshold!r}.",
+                field="threshold",
+            )
+        object.__setattr__(self, "threshold", float(threshold))
+        _count(self.patience, "patience")
+        _count(self.min_epochs, "min_epochs")
+
+    @classmethod
+    def from_mapping(cls, section: Mapping[str, Any]) -> AutoStopConfig:
+        """Build from `TRAINING_CONFIG["confidence_auto_stop"]`; absent keys keep the defaults,
+        unknown keys are refused so a typo never silently falls back."""
+        if not isinstance(section, Mapping):
+            raise InvalidInput(f"{_SECTION} must be a mapping, got {section!r}.", field=_SECTION)
+        unknown = [key for key in section if key not in _KEYS]
+        if unknown:
+            raise InvalidInput(
+                f"Unknown key {unknown[0]!r} in {_SECTION}; allowed keys: {', '.join(_KEYS)}.",
+                field=_SECTION,
+            )
+        return cls(**section)
+
+
+@dataclass(frozen=True)
+class AutoStopState:
+    """Where auto-stop stands after `epoch` epochs."""
+
+    epoch: int = 0
+    """Epochs seen so far."""
+    previous_total: float | None = None
+    """The latest epoch's total loss: the next epoch's change is measured against it."""
+    current_change: float | None = None
+    """|total_e - total_(e-1)| of the latest epoch; None before there are two epochs."""
+    streak: int = 0
+    """Consecutive epochs whose change was below the threshold."""
+    triggered: bool = False
+    """Once true it stays true."""
+    totals: tuple[float, ...] = ()
+    """Every epoch's total loss so far."""
+
+    def info(self, config: AutoStopConfig) -> dict[str, Any]:
+        """The `auto_stop_info` payload of events and metrics."""
+        return {
+            "threshold": config.threshold,
+            "patience": config.patience,
+            "min_epochs": config.min_epochs,
+            "current_change": self.current_change if self.epoch > 1 else None,
+            "streak": self.streak,
+            "remaining": max(config.patience - self.streak, 0),
+            "triggered": self.triggered,
+        }
+
+    def window(self, config: AutoStopConfig) -> list[float]:
+        """The totals that decided it: the last patience + 1 (patience changes)."""
+        return list(self.totals[-(config.patience + 1) :])
+
+
+def auto_stop_step(
+    state: AutoStopState, total_loss: float, config: AutoStopConfig
+) -> AutoStopState:
+    """Fold one epoch's population loss into the state."""
+    if (
+        isinstance(total_loss, bool)
+        or not isinstance(total_loss, (int, float))
+        or not math.isfinite(total_loss)
+    ):
+        raise InvalidInput(
+            f"total_loss must be a finite number, got {total_loss!r}.", field="total_loss"
+        )
+    total = float(total_loss)
+    epoch = state.epoch + 1
+    change: float | None = None
+    streak = 0
+    if state.previous_total is not None:
+        change = abs(total - state.previous_total)
+        streak = state.streak + 1 if change < config.threshold else 0
+    fired = config.enabled and epoch >= config.min_epochs and streak >= config.patience
+    return replace(
+        state,
+        epoch=epoch,
+        previous_total=total,
+        current_change=change,
+        streak=streak,
+        triggered=state.triggered or fired,
+        totals=(*state.totals, total),
+    )
