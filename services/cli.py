@@ -1,0 +1,225 @@
+"""The `oneseek` command: train in a terminal, verify a run folder, make demo assets, run the suite.
+
+Flags override the environment (MODELS_DIR, DATASETS_DIR, ...). Bad input is one line on
+stderr naming the problem and exit status 2; a run that fails exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from services.core.errors import OneSeekError
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def _error(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def _models_root(args: argparse.Namespace) -> Path:
+    from services.training.models import models_dir
+
+    return Path(args.models_dir) if args.models_dir else models_dir()
+
+
+def _datasets_root(args: argparse.Namespace) -> Path:
+    from services.training.data import datasets_dir
+
+    return Path(args.datasets_dir) if args.datasets_dir else datasets_dir()
+
+
+# Flag -> the camelCase field of the start request, so the CLI and the REST route share
+# one validator (RunConfig.from_request) and say the same things about bad values.
+_TRAIN_FLAGS: dict[str, tuple[str, type]] = {
+    "epochs": ("epochs", int),
+    "learning_rate": ("learningRate", float),
+    "batch_size": ("batchSize", int),
+    "method": ("method", str),
+    "lora_rank": ("loraRank", int),
+    "max_seq_length": ("maxSeqLength", int),
+    "auto_stop_threshold": ("autoStopThreshold", float),
+    "auto_stop_patience": ("autoStopPatience", int),
+    "min_epochs": ("minEpochs", int),
+    "seed": ("seed", int),
+    "validation_split": ("validationSplit", float),
+    "refresh_interval": ("refreshInterval", float),
+}
+
+
+def _train_request(args: argparse.Namespace) -> dict[str, Any]:
+    models = [m.strip() for m in (args.models or "").split(",") if m.strip()]
+    body: dict[str, Any] = {"datasetId": args.dataset, "baseModels": models}
+    for attr, (field, _kind) in _TRAIN_FLAGS.items():
+        value = getattr(args, attr)
+        if value is not None:
+            body[field] = value
+    return body
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from services.api import training_pb2
+    from services.core.training_config import RunConfig, generate_run_id
+    from services.training.data import load_dataset
+    from services.training.events import EVENTS_FILE, EventLog
+    from services.training.models import resolve_models
+    from services.training.population import PopulationTrainer
+    from services.training.run_folder import RunFolder, certified_root
+    from services.training.terminal import TerminalDisplay
+
+    models_root, datasets_root = _models_root(args), _datasets_root(args)
+    try:
+        config = RunConfig.from_request(_train_request(args))
+        models = resolve_models(list(config.base_models), models_root)
+        dataset = load_dataset(config.dataset_id, datasets_root)
+        run_id = generate_run_id(exists=lambda rid: (certified_root(models_root) / rid).exists())
+        folder = RunFolder.create(models_root, run_id)
+    except OneSeekError as exc:
+        return _error(str(exc))
+
+    stop = threading.Event()
+    console = Console(stderr=True, quiet=args.quiet)
+
+    def on_interrupt(signum: int, frame: FrameType | None) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        console.print("[yellow]Stopping after the current step (Ctrl-C again to abort)...[/]")
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        display = TerminalDisplay(config, run_id, console)
+        events = EventLog(run_id, path=folder.path / EVENTS_FILE, sinks=(display.on_event,))
+        trainer = PopulationTrainer(
+            config,
+            run_id=run_id,
+            models=models,
+            dataset=dataset,
+            folder=folder,
+            events=events,
+            stop=stop,
+            on_step=display.on_step,
+        )
+        with display:
+            outcome = trainer.run()
+    except OneSeekError as exc:
+        return _error(str(exc))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    print(f"{outcome.run_id} {outcome.run_dir}")
+    return EXIT_FAILED if outcome.status == training_pb2.RUN_STATUS_FAILED else EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from services.core.verify import verify_run_folder
+
+    run_dir = Path(args.run_folder)
+    if not run_dir.is_dir():
+        return _error(f"{run_dir} is not a folder; pass a run folder such as "
+                      "models/oneseek-certified/run-20260101-120000.")
+    models_root = Path(args.models_dir) if args.models_dir else None
+    if models_root is None and os.environ.get("MODELS_DIR"):
+        models_root = Path(os.environ["MODELS_DIR"])
+    report = verify_run_folder(
+        run_dir, models_root=models_root, trusted_public_key=args.public_key
+    )
+    for note in report.notes:
+        print(f"note: {note}")
+    if report.ok:
+        print(f"verified: {run_dir}")
+        return EXIT_OK
+    for problem in report.problems:
+        print(f"mismatch: {problem}")
+    print(f"NOT verified: {run_dir} ({len(report.problems)} problem(s))")
+    return EXIT_FAILED
+
+
+def cmd_demo_assets(args: argparse.Namespace) -> int:
+    from services.training.demo_assets import create_demo_assets
+
+    created = create_demo_assets(_models_root(args), _datasets_root(args), force=args.force)
+    print(f"{len(created)} demo asset(s) created" if created else "demo assets already present")
+    return EXIT_OK
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    """Until the services land, `up` prepares the demo assets and shows a live demo run."""
+    from services.training.demo_assets import DEMO_MODELS, create_demo_assets
+    from services.training.models import discover_models
+
+    models_root, datasets_root = _models_root(args), _datasets_root(args)
+    if not discover_models(models_root):
+        create_demo_assets(models_root, datasets_root)
+    print(
+        "The gRPC services and the gateway are not part of this build yet; "
+        "running a demo training in the terminal instead.",
+        file=sys.stderr,
+    )
+    demo = argparse.Namespace(
+        **{attr: None for attr in _TRAIN_FLAGS},
+        models=",".join(DEMO_MODELS[:2]),
+        dataset="sample",
+        quiet=False,
+        models_dir=args.models_dir,
+        datasets_dir=args.datasets_dir,
+    )
+    demo.epochs = 4
+    return cmd_train(demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="oneseek", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--models-dir", help="base models folder (default $MODELS_DIR or models)")
+        p.add_argument("--datasets-dir", help="datasets folder (default $DATASETS_DIR or datasets)")
+
+    train = sub.add_parser("train", help="train several base models side by side in this terminal")
+    train.add_argument("--models", required=True, help="comma-separated base model names")
+    train.add_argument("--dataset", required=True, help="dataset id (<DATASETS_DIR>/<id>.jsonl)")
+    for attr, (_field, kind) in _TRAIN_FLAGS.items():
+        train.add_argument("--" + attr.replace("_", "-"), type=kind, default=None)
+    train.add_argument("--quiet", action="store_true", help="print only the last line")
+    common(train)
+    train.set_defaults(func=cmd_train)
+
+    verify = sub.add_parser("verify", help="check a run folder's hashes and signature offline")
+    verify.add_argument("run_folder")
+    verify.add_argument("--public-key", help="base64 Ed25519 key the proof must be signed with")
+    verify.add_argument("--models-dir", help="also check base model hashes found here")
+    verify.set_defaults(func=cmd_verify)
+
+    demo = sub.add_parser("demo-assets", help="create tiny seeded demo models and the sample data")
+    demo.add_argument("--force", action="store_true", help="recreate existing demo models")
+    common(demo)
+    demo.set_defaults(func=cmd_demo_assets)
+
+    up = sub.add_parser("up", help="start the whole suite for local use")
+    common(up)
+    up.set_defaults(func=cmd_up)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except OneSeekError as exc:
+        return _error(str(exc))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

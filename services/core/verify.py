@@ -1,0 +1,328 @@
+"""`oneseek verify`: recompute every hash of a certified run folder and check its signature.
+
+Offline and read-only. Every difference becomes one sentence naming the file and what
+differs; things that could not be checked become notes.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from services.core.atomic import json_bytes
+from services.core.dna import (
+    ADAPTERS_DIR,
+    ARTIFACT_FILES,
+    DNA_FILE,
+    DNA_VERSION,
+    compute_dna_string,
+    compute_immutable_hash,
+    hash_tree,
+    sha256_file,
+    weight_files,
+)
+from services.core.errors import OneSeekError
+from services.core.ledger import ALGORITHM, PROOF_EVENT, PROOF_FILE, verify_proof_signature
+
+CERTIFIED_DIR = "oneseek-certified"
+JSON_FILES = (*ARTIFACT_FILES, DNA_FILE, PROOF_FILE)
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    run_dir: Path
+    problems: list[str]
+    """Each a sentence naming a file and what differs; any problem means not verified."""
+    notes: list[str]
+    """What was not or could not be checked, and why; notes never fail a run folder."""
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify_run_folder(
+    run_dir: Path, *, models_root: Path | None = None, trusted_public_key: str | None = None
+) -> VerifyReport:
+    """Check a run folder against its own DNA and signed proof.
+
+    `models_root` is where base model folders live; when omitted and the run sits in
+    `<models>/oneseek-certified/<runId>/`, that `<models>` is used. `trusted_public_key`
+    (base64, raw Ed25519) pins who must have signed; without it the signature only shows
+    the proof is intact, since anyone can re-sign a forged proof with a key of their own.
+    """
+    run_dir = Path(run_dir)
+    problems: list[str] = []
+    notes: list[str] = []
+    report = VerifyReport(run_dir=run_dir, problems=problems, notes=notes)
+    if not run_dir.is_dir():
+        problems.append(f"{run_dir} is not a run folder (it does not exist or is not a folder).")
+        return report
+
+    docs = {name: _read_json_artifact(run_dir / name, problems) for name in JSON_FILES}
+    adapters_dir = run_dir / ADAPTERS_DIR
+    if adapters_dir.is_symlink() or not adapters_dir.is_dir():
+        problems.append(f"{ADAPTERS_DIR}/ is missing (or is not a real folder).")
+
+    dna = docs[DNA_FILE]
+    if dna is not None and not isinstance(dna, dict):
+        problems.append(f"{DNA_FILE} is not a JSON object.")
+    if isinstance(dna, dict):
+        _check_dna(run_dir, dna, problems)
+        if not adapters_dir.is_symlink() and adapters_dir.is_dir():
+            _check_adapters(adapters_dir, dna.get("adapters"), problems)
+        if models_root is None:
+            models_root = _models_root_of(run_dir)
+        _check_base_models(dna.get("base_models"), models_root, problems, notes)
+
+    proof = docs[PROOF_FILE]
+    if proof is not None and not isinstance(proof, dict):
+        problems.append(f"{PROOF_FILE} is not a JSON object.")
+    if isinstance(proof, dict):
+        _check_proof(proof, dna if isinstance(dna, dict) else None, trusted_public_key, problems)
+        _note_signer_and_ledger(proof, trusted_public_key, notes)
+
+    expected = {*JSON_FILES, ADAPTERS_DIR}
+    for extra in sorted(p.name for p in run_dir.iterdir() if p.name not in expected):
+        notes.append(f"{extra} is in the run folder but is not part of the certified run.")
+    return report
+
+
+def _read_json_artifact(path: Path, problems: list[str]) -> Any:
+    name = path.name
+    if path.is_symlink():
+        problems.append(f"{name} is a symlink; a certified run folder holds regular files only.")
+        return None
+    if not path.is_file():
+        problems.append(f"{name} is missing.")
+        return None
+    raw = path.read_bytes()
+    try:
+        parsed = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        problems.append(f"{name} is not UTF-8 text.")
+        return None
+    except json.JSONDecodeError as error:
+        problems.append(
+            f"{name} is not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})."
+        )
+        return None
+    except RecursionError:
+        problems.append(f"{name} is nested too deeply to be a file oneseek wrote.")
+        return None
+    try:
+        same_form = json_bytes(parsed) == raw
+    except ValueError:  # NaN or Infinity, which oneseek never writes
+        same_form = False
+    if not same_form:
+        problems.append(f"{name} is not in the form oneseek writes (edited by hand?).")
+    return parsed
+
+
+def _check_dna(run_dir: Path, dna: dict[str, Any], problems: list[str]) -> None:
+    if dna.get("version") != DNA_VERSION:
+        problems.append(
+            f"{DNA_FILE} has version {dna.get('version')!r}; this oneseek verifies {DNA_VERSION}."
+        )
+    if dna.get("run_id") != run_dir.name:
+        problems.append(
+            f"{DNA_FILE} is for run {dna.get('run_id')!r} but the folder is named {run_dir.name!r}."
+        )
+
+    artifacts = dna.get("artifacts")
+    if not isinstance(artifacts, dict):
+        problems.append(f"{DNA_FILE} has no artifacts object with the metric files' hashes.")
+        artifacts = {}
+    for name in ARTIFACT_FILES:
+        recorded = artifacts.get(name)
+        path = run_dir / name
+        if not isinstance(recorded, str):
+            problems.append(f"{DNA_FILE} records no sha256 for {name}.")
+        elif path.is_file() and not path.is_symlink():
+            actual = sha256_file(path)
+            if actual != recorded:
+                problems.append(
+                    f"{name} has changed since the run was certified (sha256 {actual}, "
+                    f"{DNA_FILE} records {recorded})."
+                )
+
+    recorded_hash = dna.get("immutable_hash")
+    actual_hash = compute_immutable_hash(dna)
+    if recorded_hash != actual_hash:
+        problems.append(
+            f"{DNA_FILE}: immutable_hash {recorded_hash!r} does not match its content "
+            f"(computed {actual_hash})."
+        )
+    try:
+        actual_dna = compute_dna_string(dna)
+    except OneSeekError as error:
+        problems.append(f"{DNA_FILE}: the dna string cannot be recomputed: {error}")
+    else:
+        if dna.get("dna") != actual_dna:
+            problems.append(
+                f"{DNA_FILE}: dna {dna.get('dna')!r} does not match its content "
+                f"(computed {actual_dna})."
+            )
+
+
+def _check_adapters(adapters_dir: Path, recorded: Any, problems: list[str]) -> None:
+    if not isinstance(recorded, dict) or not all(
+        isinstance(files, dict) and all(isinstance(h, str) for h in files.values())
+        for files in recorded.values()
+    ):
+        problems.append(f"{DNA_FILE} has no adapters object of {{model: {{file: sha256}}}}.")
+        return
+    expected = {
+        f"{model}/{relpath}": digest
+        for model, files in recorded.items()
+        for relpath, digest in files.items()
+    }
+    try:
+        actual = hash_tree(adapters_dir)
+    except OneSeekError as error:
+        problems.append(f"{ADAPTERS_DIR}/ cannot be hashed: {error}")
+        return
+    for path in sorted(expected.keys() | actual.keys()):
+        shown = f"{ADAPTERS_DIR}/{path}"
+        if path not in actual:
+            problems.append(f"{shown} is missing ({DNA_FILE} lists it).")
+        elif path not in expected:
+            problems.append(f"{shown} is an extra file that {DNA_FILE} does not list.")
+        elif actual[path] != expected[path]:
+            problems.append(
+                f"{shown} has changed since the run was certified (sha256 {actual[path]}, "
+                f"{DNA_FILE} records {expected[path]})."
+            )
+
+
+def _models_root_of(run_dir: Path) -> Path | None:
+    resolved = run_dir.resolve()
+    if resolved.parent.name == CERTIFIED_DIR:
+        return resolved.parent.parent
+    return None
+
+
+def _check_base_models(
+    base_models: Any, models_root: Path | None, problems: list[str], notes: list[str]
+) -> None:
+    if not isinstance(base_models, list) or not all(isinstance(m, dict) for m in base_models):
+        problems.append(f"{DNA_FILE} has no base_models list.")
+        return
+    for model in base_models:
+        name = model.get("name")
+        parts = Path(name).parts if isinstance(name, str) else ()
+        # The name comes from the file being verified; never let it point outside models_root.
+        if not parts or Path(name).is_absolute() or ".." in parts:
+            problems.append(f"{DNA_FILE} lists a base model with an unusable name {name!r}.")
+            continue
+        model_dir = models_root / name if models_root is not None else None
+        if model_dir is None or not model_dir.is_dir():
+            notes.append(f"base model {name} not present; its hashes were not checked.")
+            continue
+        _compare_base_model(name, model_dir, model, problems)
+
+
+def _compare_base_model(
+    name: str, model_dir: Path, recorded: Mapping[str, Any], problems: list[str]
+) -> None:
+    config = model_dir / "config.json"
+    if not config.is_file():
+        problems.append(f"base model {name}: {config} is missing.")
+    elif sha256_file(config) != recorded.get("config_sha256"):
+        problems.append(
+            f"base model {name}: {config} differs from the config.json the run was trained on."
+        )
+    weights = recorded.get("weights")
+    if not isinstance(weights, dict):
+        problems.append(f"{DNA_FILE} records no weight hashes for base model {name}.")
+        return
+    actual = {path.name: path for path in weight_files(model_dir)}
+    for filename in sorted(weights.keys() | actual.keys()):
+        shown = model_dir / filename
+        if filename not in actual:
+            problems.append(f"base model {name}: {shown} is missing (the run was trained on it).")
+        elif filename not in weights:
+            problems.append(
+                f"base model {name}: {shown} is a weight file the run was not trained on."
+            )
+        elif sha256_file(actual[filename]) != weights[filename]:
+            problems.append(
+                f"base model {name}: {shown} differs from the weights the run was trained on."
+            )
+
+
+def _check_proof(
+    proof: dict[str, Any],
+    dna: dict[str, Any] | None,
+    trusted_public_key: str | None,
+    problems: list[str],
+) -> None:
+    if proof.get("event") != PROOF_EVENT:
+        problems.append(f"{PROOF_FILE} has event {proof.get('event')!r}, not {PROOF_EVENT!r}.")
+    if proof.get("algorithm") != ALGORITHM:
+        problems.append(
+            f"{PROOF_FILE} has algorithm {proof.get('algorithm')!r}; proofs use {ALGORITHM!r}."
+        )
+    if dna is not None:
+        for field in ("run_id", "dna", "immutable_hash"):
+            if proof.get(field) != dna.get(field):
+                problems.append(
+                    f"{PROOF_FILE}: {field} {proof.get(field)!r} differs from {DNA_FILE}'s "
+                    f"{dna.get(field)!r}."
+                )
+    if not verify_proof_signature(proof):
+        problems.append(
+            f"{PROOF_FILE}: the signature is not valid for its content and signer_public_key "
+            "(the proof was changed after it was signed)."
+        )
+    if trusted_public_key is not None:
+        trusted = _raw_public_key(trusted_public_key)
+        signer = _raw_public_key(proof.get("signer_public_key"))
+        if trusted is None:
+            problems.append(
+                f"The trusted public key {trusted_public_key!r} is not a base64 raw Ed25519 "
+                "key (32 bytes)."
+            )
+        elif signer != trusted:
+            problems.append(
+                f"{PROOF_FILE} was signed by key {proof.get('signer_public_key')!r}, not by the "
+                f"trusted key {trusted_public_key.strip()!r}."
+            )
+
+
+def _note_signer_and_ledger(
+    proof: Mapping[str, Any], trusted_public_key: str | None, notes: list[str]
+) -> None:
+    if trusted_public_key is None:
+        notes.append(
+            f"The signature was checked against the key named in {PROOF_FILE} "
+            f"({proof.get('signer_public_key')}); give the signer's public key as the trusted "
+            "key to also check who signed."
+        )
+    ledger = proof.get("ledger")
+    if ledger is None:
+        notes.append("The proof was not posted to a ledger (LEDGER_URL was unset).")
+    elif isinstance(ledger, dict) and ledger.get("entry_id") is not None:
+        notes.append(
+            f"Ledger entry {ledger.get('entry_id')} at {ledger.get('url')} is recorded; the "
+            "ledger was not contacted and its receipt is not covered by the signature."
+        )
+    elif isinstance(ledger, dict) and ledger.get("error"):
+        notes.append(f"Posting the proof to the ledger failed: {ledger.get('error')}")
+    else:
+        notes.append(f"The ledger field of {PROOF_FILE} is not a receipt oneseek writes.")
+
+
+def _raw_public_key(value: Any) -> bytes | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        raw = base64.b64decode(value.strip().encode("ascii"), validate=True)
+    except (ValueError, binascii.Error):
+        return None
+    return raw if len(raw) == 32 else None

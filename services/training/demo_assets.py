@@ -1,0 +1,237 @@
+"""Demo assets: tiny seeded base models of several architectures, and the sample dataset.
+
+The machines that build and test this project cannot download weights; these folders load
+through the same `AutoModelForCausalLM` / `AutoTokenizer` code as real checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import string
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from services.core.atomic import replace_dir_atomic
+from services.training.data import datasets_dir, format_record
+from services.training.models import models_dir
+from services.training.sample_dataset import (
+    SAMPLE_DATASET_ID,
+    generate_sample_records,
+    write_sample_dataset,
+)
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+    from transformers import PretrainedConfig, PreTrainedTokenizerFast
+
+MAX_POSITIONS = 512
+
+
+@dataclass(frozen=True)
+class DemoModel:
+    """How one demo model is built: its architecture and its own tokenizer."""
+
+    name: str
+    architecture: str
+    byte_level: bool
+    """ByteLevel BPE (GPT-2 / Qwen style) or Metaspace BPE (SentencePiece / Llama style)."""
+    vocab_size: int
+    bos: str
+    eos: str
+    pad: str
+    unk: str
+
+    @property
+    def seed(self) -> int:
+        # from the name, not the position: adding a model never changes the others' weights
+        return zlib.crc32(self.name.encode())
+
+
+DEMO_SPECS: tuple[DemoModel, ...] = (
+    DemoModel("tiny-llama", "LlamaForCausalLM", False, 800, "<s>", "</s>", "<pad>", "<unk>"),
+    DemoModel(
+        "tiny-qwen2",
+        "Qwen2ForCausalLM",
+        True,
+        1200,
+        "<|im_start|>",
+        "<|endoftext|>",
+        "<|pad|>",
+        "<|unk|>",
+    ),
+    DemoModel(
+        "tiny-gpt2",
+        "GPT2LMHeadModel",
+        True,
+        600,
+        "<|endoftext|>",
+        "<|endoftext|>",
+        "<|pad|>",
+        "<|endoftext|>",
+    ),
+    DemoModel("tiny-mistral", "MistralForCausalLM", False, 1000, "<s>", "</s>", "<pad>", "<unk>"),
+)
+DEMO_MODELS: tuple[str, ...] = tuple(spec.name for spec in DEMO_SPECS)
+
+
+def _training_text() -> Iterator[str]:
+    # the generator, not the file on disk: a person's edits to sample.jsonl must not change
+    # the demo models
+    for record in generate_sample_records():
+        prompt, completion = format_record(record)
+        yield prompt + completion
+
+
+def _special_tokens(spec: DemoModel) -> list[str]:
+    return list(dict.fromkeys((spec.unk, spec.bos, spec.eos, spec.pad)))
+
+
+def train_tokenizer(spec: DemoModel) -> Tokenizer:
+    """A BPE tokenizer trained on the sample dataset's formatted text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if spec.byte_level:
+        tokenizer = Tokenizer(models.BPE())
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    else:
+        tokenizer = Tokenizer(models.BPE(unk_token=spec.unk))
+        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+        tokenizer.decoder = decoders.Metaspace(prepend_scheme="first")
+        # every printable ASCII character, so text beyond the sample's rarely hits <unk>
+        alphabet = list(string.printable.strip()) + ["\n", "▁"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=spec.vocab_size,
+        special_tokens=_special_tokens(spec),
+        initial_alphabet=alphabet,
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_training_text(), trainer=trainer)
+    return tokenizer
+
+
+def _wrap(spec: DemoModel, tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=spec.bos,
+        eos_token=spec.eos,
+        pad_token=spec.pad,
+        unk_token=spec.unk,
+        model_max_length=MAX_POSITIONS,
+        padding_side="right",
+    )
+
+
+def _config(spec: DemoModel, vocab_size: int, ids: dict[str, int]) -> PretrainedConfig:
+    from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
+
+    common: dict[str, Any] = {
+        "vocab_size": vocab_size,
+        "bos_token_id": ids["bos"],
+        "eos_token_id": ids["eos"],
+        "pad_token_id": ids["pad"],
+    }
+    decoder: dict[str, Any] = {
+        **common,
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": MAX_POSITIONS,
+        "attention_dropout": 0.0,
+    }
+    if spec.architecture == "LlamaForCausalLM":
+        return LlamaConfig(**decoder, intermediate_size=192, num_key_value_heads=4)
+    if spec.architecture == "Qwen2ForCausalLM":
+        # tied embeddings and grouped-query attention: the variants real Qwen2 models use
+        return Qwen2Config(
+            **decoder, intermediate_size=128, num_key_value_heads=2, tie_word_embeddings=True
+        )
+    if spec.architecture == "MistralForCausalLM":
+        return MistralConfig(
+            **decoder, intermediate_size=256, num_key_value_heads=2, sliding_window=256
+        )
+    if spec.architecture == "GPT2LMHeadModel":
+        return GPT2Config(
+            **common,
+            n_positions=MAX_POSITIONS,
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            n_inner=256,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
+    raise ValueError(f"No demo config for {spec.architecture}")
+
+
+def build_demo_model(spec: DemoModel, folder: Path) -> None:
+    """Write `spec`'s tokenizer and randomly initialised model into the empty `folder`."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = _wrap(spec, train_tokenizer(spec))
+    ids = {
+        "bos": tokenizer.convert_tokens_to_ids(spec.bos),
+        "eos": tokenizer.convert_tokens_to_ids(spec.eos),
+        "pad": tokenizer.convert_tokens_to_ids(spec.pad),
+    }
+    config = _config(spec, len(tokenizer), ids)
+    torch.manual_seed(spec.seed)
+    model = AutoModelForCausalLM.from_config(config)
+    if type(model).__name__ != spec.architecture:
+        raise ValueError(f"{spec.name}: built {type(model).__name__}, not {spec.architecture}")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def create_demo_assets(
+    models_root: Path | None = None,
+    datasets_root: Path | None = None,
+    *,
+    force: bool = False,
+    log: Callable[[str], None] = print,
+) -> list[Path]:
+    """Create each missing demo model folder (all of them with `force`) and the sample dataset
+    when it is missing; return what was written.
+
+    A model is built in a hidden temporary folder next to its target and renamed into place
+    when complete, so a half-made model folder never appears under its name.
+    """
+    models_root = models_dir() if models_root is None else Path(models_root)
+    datasets_root = datasets_dir() if datasets_root is None else Path(datasets_root)
+    created: list[Path] = []
+
+    dataset = datasets_root / f"{SAMPLE_DATASET_ID}.jsonl"
+    if not dataset.exists():
+        write_sample_dataset(dataset)
+        log(f"wrote the sample dataset to {dataset}")
+        created.append(dataset)
+
+    models_root.mkdir(parents=True, exist_ok=True)
+    for spec in DEMO_SPECS:
+        target = models_root / spec.name
+        if (target.exists() or target.is_symlink()) and not force:
+            continue
+        # hidden, so discover_models never offers it; mkdir (unlike mkdtemp) honours the umask
+        staged = models_root / f".{spec.name}.{os.getpid()}.tmp"
+        shutil.rmtree(staged, ignore_errors=True)  # left by a crashed process with our pid
+        staged.mkdir()
+        try:
+            build_demo_model(spec, staged)
+            if target.is_symlink() and not target.exists():
+                target.unlink()  # a dangling link cannot be renamed aside like a folder
+            replace_dir_atomic(staged, target)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+        log(f"created demo model {spec.name} ({spec.architecture}) in {target}")
+        created.append(target)
+    return created

@@ -1,0 +1,81 @@
+"""A run's event log: stamps each event with its seq and time, keeps it, and hands it on.
+
+Events are the generated `TrainingEvent` messages, so a service only moves them. The log
+appends every event to `events.jsonl` in the run folder (documented JSON shape, one per line)
+so a restarted service can replay a run; `epoch_end` and terminal events are fsynced.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from services.api import training_pb2
+from services.api.codec import event_from_dict, event_to_dict, now_timestamp
+
+EventSink = Callable[[training_pb2.TrainingEvent], None]
+EVENTS_FILE = "events.jsonl"
+# Losing one of these in a crash would lose a decision; a lost progress event costs nothing.
+_DURABLE = frozenset({"epoch_end", "weight_adjustment", "training_complete", "training_error"})
+
+
+class EventLog:
+    """Assigns `seq` 1, 2, 3... per run, appends to events.jsonl, and calls every sink."""
+
+    def __init__(
+        self,
+        run_id: str,
+        *,
+        path: Path | None = None,
+        sinks: tuple[EventSink, ...] = (),
+        start_seq: int = 0,
+    ) -> None:
+        self.run_id = run_id
+        self.path = path
+        self.seq = start_seq
+        self._sinks = list(sinks)
+        self._file: IO[str] | None = None
+
+    def add_sink(self, sink: EventSink) -> None:
+        self._sinks.append(sink)
+
+    def emit(self, kind: str, payload: Any) -> training_pb2.TrainingEvent:
+        """Wraps `payload` (a message of the oneof field `kind`) in a stamped event."""
+        self.seq += 1
+        event = training_pb2.TrainingEvent(
+            run_id=self.run_id, seq=self.seq, timestamp=now_timestamp()
+        )
+        getattr(event, kind).CopyFrom(payload)
+        self._append(kind, event)
+        for sink in self._sinks:
+            sink(event)
+        return event
+
+    def _append(self, kind: str, event: training_pb2.TrainingEvent) -> None:
+        if self.path is None:
+            return
+        if self._file is None:
+            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - held open
+        self._file.write(json.dumps(event_to_dict(event), allow_nan=False) + "\n")
+        self._file.flush()
+        if kind in _DURABLE:
+            os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def read_events(path: Path) -> Iterator[training_pb2.TrainingEvent]:
+    """Replays an events.jsonl; a torn last line (the writer died mid-write) is ignored."""
+    if not path.exists():
+        return
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            if not line.endswith("\n"):
+                return
+            yield event_from_dict(json.loads(line))
