@@ -126,14 +126,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     run_dir = Path(args.run_folder)
     if not run_dir.is_dir():
-        return _error(f"{run_dir} is not a folder; pass a run folder such as "
-                      "models/oneseek-certified/run-20260101-120000.")
+        return _error(
+            f"{run_dir} is not a folder; pass a run folder such as "
+            "models/oneseek-certified/run-20260101-120000."
+        )
     models_root = Path(args.models_dir) if args.models_dir else None
     if models_root is None and os.environ.get("MODELS_DIR"):
         models_root = Path(os.environ["MODELS_DIR"])
-    report = verify_run_folder(
-        run_dir, models_root=models_root, trusted_public_key=args.public_key
-    )
+    report = verify_run_folder(run_dir, models_root=models_root, trusted_public_key=args.public_key)
     for note in report.notes:
         print(f"note: {note}")
     if report.ok:

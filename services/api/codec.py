@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any
 
-from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -24,21 +24,21 @@ _TIMESTAMP = Timestamp.DESCRIPTOR.full_name
 _ENVELOPE = ("run_id", "seq", "timestamp")
 
 
-def _enum_prefix(enum: EnumDescriptor) -> str:
+def _enum_prefix(enum: Any) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", enum.name).upper() + "_"
 
 
-def enum_to_str(enum: EnumDescriptor, number: int) -> str | None:
+def enum_to_str(enum: Any, number: int) -> str | None:
     """RUN_STATUS_AUTO_STOPPED -> "auto_stopped"; the zero value -> None."""
     if number == 0:
         return None
     value = enum.values_by_number.get(number)
     if value is None:
         return None
-    return value.name.removeprefix(_enum_prefix(enum)).lower()
+    return str(value.name).removeprefix(_enum_prefix(enum)).lower()
 
 
-def enum_from_str(enum: EnumDescriptor, text: str) -> int:
+def enum_from_str(enum: Any, text: str) -> int:
     value = enum.values_by_name.get(_enum_prefix(enum) + text.upper())
     if value is None or value.number == 0 or text != text.lower():
         allowed = ", ".join(
@@ -80,7 +80,9 @@ def now_timestamp() -> Timestamp:
     return ts
 
 
-def _value_to_json(field: FieldDescriptor, value: Any) -> Any:
+# Descriptors are typed loosely: the upb runtime hands out its own descriptor classes, which
+# the stubs do not unify with google.protobuf.descriptor's.
+def _value_to_json(field: Any, value: Any) -> Any:
     if field.type == FieldDescriptor.TYPE_MESSAGE:
         if field.message_type.full_name == _TIMESTAMP:
             return format_timestamp(value)
@@ -90,8 +92,8 @@ def _value_to_json(field: FieldDescriptor, value: Any) -> Any:
     return value
 
 
-def _is_map(field: FieldDescriptor) -> bool:
-    return (
+def _is_map(field: Any) -> bool:
+    return bool(
         field.type == FieldDescriptor.TYPE_MESSAGE
         and field.is_repeated
         and field.message_type.GetOptions().map_entry
@@ -101,7 +103,8 @@ def _is_map(field: FieldDescriptor) -> bool:
 def message_to_dict(message: Message) -> dict[str, Any]:
     """Every field, in declaration order, in the documented JSON shape."""
     out: dict[str, Any] = {}
-    for field in message.DESCRIPTOR.fields:
+    fields: Any = message.DESCRIPTOR.fields
+    for field in fields:
         if field.containing_oneof is not None and not field.containing_oneof.name.startswith("_"):
             continue  # a real oneof (the event payload) is flattened by the caller
         value = getattr(message, field.name)
@@ -117,7 +120,7 @@ def message_to_dict(message: Message) -> dict[str, Any]:
     return out
 
 
-def _value_from_json(field: FieldDescriptor, value: Any, target: Message | None = None) -> Any:
+def _value_from_json(field: Any, value: Any) -> Any:
     if field.type == FieldDescriptor.TYPE_ENUM:
         return enum_from_str(field.enum_type, value)
     if field.type in (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT):
@@ -127,7 +130,7 @@ def _value_from_json(field: FieldDescriptor, value: Any, target: Message | None 
 
 def dict_to_message(data: Mapping[str, Any], message: Message) -> Message:
     """Fills `message` from the documented JSON shape (the inverse of `message_to_dict`)."""
-    descriptor: Descriptor = message.DESCRIPTOR
+    descriptor: Any = message.DESCRIPTOR
     for name, value in data.items():
         field = descriptor.fields_by_name.get(name)
         if field is None:

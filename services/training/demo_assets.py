@@ -19,7 +19,7 @@ import torch
 
 from services.core.atomic import replace_dir_atomic
 from services.training.data import datasets_dir, format_record
-from services.training.models import models_dir
+from services.training.models import models_dir, quiet_progress
 from services.training.sample_dataset import (
     SAMPLE_DATASET_ID,
     generate_sample_records,
@@ -31,6 +31,11 @@ if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedTokenizerFast
 
 MAX_POSITIONS = 512
+# Qwen2's published pre-tokenizer pattern (letters, single digits, punctuation, whitespace)
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 
 @dataclass(frozen=True)
@@ -94,19 +99,37 @@ def _special_tokens(spec: DemoModel) -> list[str]:
 
 def train_tokenizer(spec: DemoModel) -> Tokenizer:
     """A BPE tokenizer trained on the sample dataset's formatted text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     if spec.byte_level:
         tokenizer = Tokenizer(models.BPE())
-        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        if spec.architecture == "Qwen2ForCausalLM":
+            # AutoTokenizer loads a qwen2 folder as Qwen2Tokenizer, which imposes these steps;
+            # training with them too keeps the merges useful (digits are always single tokens)
+            tokenizer.normalizer = normalizers.NFC()
+            tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+                [
+                    pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+                ]
+            )
+        else:
+            tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tokenizer.decoder = decoders.ByteLevel()
         alphabet = pre_tokenizers.ByteLevel.alphabet()
     else:
         tokenizer = Tokenizer(models.BPE(unk_token=spec.unk))
-        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+        # Metaspace only splits on spaces; newlines get their own pieces so the template's
+        # "### Response:" is the same token wherever it appears
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(r"\n+"), behavior="isolated"),
+                pre_tokenizers.Metaspace(prepend_scheme="first"),
+            ]
+        )
         tokenizer.decoder = decoders.Metaspace(prepend_scheme="first")
         # every printable ASCII character, so text beyond the sample's rarely hits <unk>
-        alphabet = list(string.printable.strip()) + ["\n", "▁"]
+        alphabet = [*string.printable.strip(), "\n", "▁"]
     trainer = trainers.BpeTrainer(
         vocab_size=spec.vocab_size,
         special_tokens=_special_tokens(spec),
@@ -120,7 +143,7 @@ def train_tokenizer(spec: DemoModel) -> Tokenizer:
 def _wrap(spec: DemoModel, tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
     from transformers import PreTrainedTokenizerFast
 
-    return PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=tokenizer,
         bos_token=spec.bos,
         eos_token=spec.eos,
@@ -174,23 +197,36 @@ def _config(spec: DemoModel, vocab_size: int, ids: dict[str, int]) -> Pretrained
     raise ValueError(f"No demo config for {spec.architecture}")
 
 
+def _token_id(tokenizer: PreTrainedTokenizerFast, token: str) -> int:
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if not isinstance(token_id, int):
+        raise ValueError(f"{token!r} is not one token")
+    return token_id
+
+
 def build_demo_model(spec: DemoModel, folder: Path) -> None:
     """Write `spec`'s tokenizer and randomly initialised model into the empty `folder`."""
     from transformers import AutoModelForCausalLM
 
     tokenizer = _wrap(spec, train_tokenizer(spec))
     ids = {
-        "bos": tokenizer.convert_tokens_to_ids(spec.bos),
-        "eos": tokenizer.convert_tokens_to_ids(spec.eos),
-        "pad": tokenizer.convert_tokens_to_ids(spec.pad),
+        role: _token_id(tokenizer, token)
+        for role, token in (("bos", spec.bos), ("eos", spec.eos), ("pad", spec.pad))
     }
     config = _config(spec, len(tokenizer), ids)
-    torch.manual_seed(spec.seed)
-    model = AutoModelForCausalLM.from_config(config)
+    # fork_rng: seeding here must not change the caller's random stream
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        model = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
     if type(model).__name__ != spec.architecture:
         raise ValueError(f"{spec.name}: built {type(model).__name__}, not {spec.architecture}")
-    model.save_pretrained(folder)
+    with quiet_progress():
+        model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    # transformers writes the weights 0600; give every file the mode the umask gives config.json
+    mode = (folder / "config.json").stat().st_mode & 0o777
+    for file in folder.iterdir():
+        file.chmod(mode)
 
 
 def create_demo_assets(

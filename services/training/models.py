@@ -10,7 +10,8 @@ import json
 import math
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -153,6 +154,21 @@ def resolve_models(names: Sequence[object] | None, root: Path | None = None) -> 
     return [found[name] for name in selected]
 
 
+@contextmanager
+def quiet_progress() -> Iterator[None]:
+    """Silence transformers' progress bars for a moment: a worker reports progress as events,
+    and tqdm bars on stderr only clutter its log. The previous setting is restored."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
+
+
 def _unloadable(info: BaseModelInfo, error: BaseException) -> InvalidInput:
     reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return InvalidInput(
@@ -186,11 +202,13 @@ def load_model(info: BaseModelInfo, device: torch.device) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            info.path, local_files_only=True, dtype=torch.float32
-        )
+        with quiet_progress():
+            model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
+                info.path, local_files_only=True, dtype=torch.float32
+            )
     except torch.cuda.OutOfMemoryError:
         raise  # not a broken model: the person needs a smaller one or a bigger device
     except Exception as error:  # a broken checkpoint fails in many ways, all the person's to fix
         raise _unloadable(info, error) from error
-    return model.to(device)
+    # transformers' typing of `.to` rejects a torch.device it accepts at run time
+    return model.to(device)  # type: ignore[arg-type, no-any-return]

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from services.api import training_pb2
+from services.api.codec import run_status_name
 from services.core.adaptive_weights import (
     WeightAdjustment,
     adjust_weights,
@@ -42,8 +43,6 @@ from services.training.data import (
 from services.training.events import EventLog
 from services.training.models import BaseModelInfo, load_model, load_tokenizer
 from services.training.run_folder import RunFolder
-
-STATUS = training_pb2.RunStatus
 
 
 class TrainingDiverged(OneSeekError):
@@ -84,7 +83,7 @@ class ModelSlot:
 class RunOutcome:
     run_id: str
     run_dir: Path
-    status: int
+    status: training_pb2.RunStatus.ValueType
     epochs_run: int
     best_model: str | None
     dna: str | None
@@ -94,7 +93,7 @@ class RunOutcome:
 
     @property
     def status_name(self) -> str:
-        return training_pb2.RunStatus.Name(self.status).removeprefix("RUN_STATUS_").lower()
+        return run_status_name(self.status) or "unknown"
 
 
 def derive_seed(seed: int, *parts: object) -> int:
@@ -169,7 +168,8 @@ class PopulationTrainer:
     def effective_lrs(self) -> dict[str, float]:
         return lr_multipliers(self.weights, self.config.learning_rate)
 
-    def _prepare(self) -> None:
+    def prepare(self) -> None:
+        """Splits the data, loads and wraps every model, builds optimizers and val batches."""
         cfg = self.config
         train, val = split_dataset(self.dataset.records, cfg.validation_split, cfg.seed)
         self.train_count, self.val_count = len(train), len(val)
@@ -211,12 +211,13 @@ class PopulationTrainer:
         from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
         model_type = getattr(getattr(model, "config", None), "model_type", "")
-        targets = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type, "all-linear")
+        targets = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
+        target_modules: list[str] | str = list(targets) if targets else "all-linear"
         lora = LoraConfig(
             r=self.config.lora_rank,
             lora_alpha=self.config.lora_alpha,
             lora_dropout=self.config.lora_dropout,
-            target_modules=targets,
+            target_modules=target_modules,
             task_type="CAUSAL_LM",
         )
         return get_peft_model(model, lora)  # type: ignore[no-any-return]
@@ -239,7 +240,7 @@ class PopulationTrainer:
         self.folder.started()
         try:
             try:
-                self._prepare()
+                self.prepare()
             except (InvalidInput, NotFound):
                 # bad input found while loading (a broken model folder): nothing was trained,
                 # so no half-made run folder stays behind; the caller reports the error
@@ -248,12 +249,12 @@ class PopulationTrainer:
                 raise
             status = self._train()
             return self._finish(status, started)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes an honest event
+        except Exception as exc:
             return self._fail(exc, started)
         finally:
             self.events.close()
 
-    def _train(self) -> int:
+    def _train(self) -> training_pb2.RunStatus.ValueType:
         cfg = self.config
         for epoch in range(1, cfg.epochs + 1):
             self.epoch = epoch
@@ -263,9 +264,9 @@ class PopulationTrainer:
             self.events.emit("epoch_start", start)
             train_losses: dict[str, float] = {}
             for slot in self.slots:
-                loss = self._train_epoch(slot, epoch)
+                loss = self.train_epoch(slot, epoch)
                 if loss is None:
-                    return STATUS.RUN_STATUS_STOPPED
+                    return training_pb2.RUN_STATUS_STOPPED
                 train_losses[slot.name] = loss
             val_losses = {slot.name: self._validate(slot) for slot in self.slots}
             for name, value in (*train_losses.items(), *val_losses.items()):
@@ -276,12 +277,12 @@ class PopulationTrainer:
                     )
             self._keep_best(epoch, val_losses)
             if self._end_epoch(epoch, train_losses, val_losses):
-                return STATUS.RUN_STATUS_AUTO_STOPPED
+                return training_pb2.RUN_STATUS_AUTO_STOPPED
             if self.stop.is_set():
-                return STATUS.RUN_STATUS_STOPPED
-        return STATUS.RUN_STATUS_COMPLETED
+                return training_pb2.RUN_STATUS_STOPPED
+        return training_pb2.RUN_STATUS_COMPLETED
 
-    def _train_epoch(self, slot: ModelSlot, epoch: int) -> float | None:
+    def train_epoch(self, slot: ModelSlot, epoch: int) -> float | None:
         """One epoch of one model; None when a stop was requested (the epoch is abandoned)."""
         cfg = self.config
         batches = make_batches(
@@ -415,7 +416,7 @@ class PopulationTrainer:
         event = self.events.emit("epoch_end", end)
         self._last_val_losses, self._last_total = val_losses, total
         self.history.append(self.folder.epoch_record(event))
-        self.folder.write_live_metrics(event, STATUS.RUN_STATUS_RUNNING)
+        self.folder.write_live_metrics(event, training_pb2.RUN_STATUS_RUNNING)
 
         change = training_pb2.WeightAdjustment(epoch=epoch, ranking=list(adjustment.ranking))
         change.previous_weights.update(adjustment.previous_weights)
@@ -465,7 +466,7 @@ class PopulationTrainer:
             return None
         return min(self._last_val_losses.items(), key=lambda item: (item[1], item[0]))[0]
 
-    def _finish(self, status: int, started: float) -> RunOutcome:
+    def _finish(self, status: training_pb2.RunStatus.ValueType, started: float) -> RunOutcome:
         epochs_run = len(self.history)
         self.steps_done = self.steps_planned  # progress_percent is 100 at any ending
         for slot in self.slots:
@@ -506,20 +507,20 @@ class PopulationTrainer:
         duration = time.monotonic() - started
         try:
             self.folder.write_failure(trainer=self, message=message, duration=duration)
-        except Exception as write_error:  # noqa: BLE001 - the original error matters more
+        except Exception as write_error:
             message += f" (the run folder could not be written either: {write_error})"
-        error = training_pb2.TrainingError(message=message, status=STATUS.RUN_STATUS_FAILED)
+        error = training_pb2.TrainingError(message=message, status=training_pb2.RUN_STATUS_FAILED)
         if self.epoch:
             error.epoch = self.epoch
         try:
             self.events.emit("training_error", error)
-        except Exception:  # noqa: BLE001 - a full disk must not hide the error from sinks
+        except Exception:
             self.events.path = None
             self.events.emit("training_error", error)
         return RunOutcome(
             run_id=self.run_id,
             run_dir=self.folder.path,
-            status=STATUS.RUN_STATUS_FAILED,
+            status=training_pb2.RUN_STATUS_FAILED,
             epochs_run=len(self.history),
             best_model=self.best_model(),
             dna=None,

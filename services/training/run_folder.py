@@ -192,9 +192,14 @@ class RunFolder:
         }
 
     def certify(
-        self, *, trainer: PopulationTrainer, status: int, epochs_run: int, duration: float
+        self,
+        *,
+        trainer: PopulationTrainer,
+        status: training_pb2.RunStatus.ValueType,
+        epochs_run: int,
+        duration: float,
     ) -> Certificate:
-        reasons = {
+        reasons: dict[training_pb2.RunStatus.ValueType, str] = {
             training_pb2.RUN_STATUS_COMPLETED: f"completed all {trainer.config.epochs} epochs",
             training_pb2.RUN_STATUS_AUTO_STOPPED: (
                 f"confidence auto-stop after epoch {epochs_run}: the population loss changed "

@@ -20,7 +20,9 @@ from services.api.codec import (
 
 def _event(kind: str) -> training_pb2.TrainingEvent:
     event = training_pb2.TrainingEvent(
-        run_id="run-20260101-120000", seq=2**40, timestamp=parse_timestamp("2026-01-01T12:00:00.123Z")
+        run_id="run-20260101-120000",
+        seq=2**40,
+        timestamp=parse_timestamp("2026-01-01T12:00:00.123Z"),
     )
     getattr(event, kind).SetInParent()
     return event

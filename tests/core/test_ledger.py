@@ -166,7 +166,7 @@ def test_a_process_that_loses_the_creation_race_uses_the_winners_key(
         path.write_bytes(_pem(winner))
         return real_generate()
 
-    monkeypatch.setattr(ledger.Ed25519PrivateKey, "generate", generate_after_the_winner)
+    monkeypatch.setattr(Ed25519PrivateKey, "generate", generate_after_the_winner)
     loaded = load_signing_key()
     assert public_key_b64(loaded) == public_key_b64(winner)
     assert default_key_path().read_bytes() == _pem(winner)

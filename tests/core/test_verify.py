@@ -221,7 +221,7 @@ def test_an_edited_proof_field_fails_on_the_signature(run: RunFolder) -> None:
 
 def _forge_dna(run: RunFolder) -> dict[str, Any]:
     """An attacker who understands the format: edit the DNA and recompute both hashes."""
-    dna = run.read("oneseek_dna.json")
+    dna: dict[str, Any] = run.read("oneseek_dna.json")
     dna["dataset"]["sha256"] = "f" * 64
     dna["dna"] = compute_dna_string(dna)
     dna["immutable_hash"] = compute_immutable_hash(dna)

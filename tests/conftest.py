@@ -1,0 +1,61 @@
+"""Fixtures shared by the whole suite: offline Hugging Face, demo models made once per session."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+# before anything imports transformers: the test machines have no network, and must not try
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def demo_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo models, created once per session (treat as read-only: tests share it)."""
+    from services.training.demo_assets import create_demo_assets
+
+    root = tmp_path_factory.mktemp("demo-assets")
+    models = root / "models"
+    create_demo_assets(models_root=models, datasets_root=root / "datasets", log=lambda _: None)
+    return models
+
+
+@pytest.fixture
+def sample_dataset_dir() -> Path:
+    """The repository's datasets/ folder (holds sample.jsonl)."""
+    return REPO / "datasets"
+
+
+@dataclass(frozen=True)
+class IsolatedEnv:
+    models_dir: Path
+    datasets_dir: Path
+    state_dir: Path
+
+
+@pytest.fixture
+def isolated_env(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, demo_models_dir: Path
+) -> Iterator[IsolatedEnv]:
+    """MODELS_DIR with links to the demo models (writable: runs land in oneseek-certified/),
+    DATASETS_DIR at the repo's datasets, state in tmp, and no ledger settings."""
+    models = tmp_path / "models"
+    models.mkdir()
+    for model in sorted(demo_models_dir.iterdir()):
+        if model.is_dir() and not model.name.startswith("."):
+            (models / model.name).symlink_to(model, target_is_directory=True)
+    env = IsolatedEnv(models_dir=models, datasets_dir=REPO / "datasets", state_dir=tmp_path / "var")
+    monkeypatch.setenv("MODELS_DIR", str(env.models_dir))
+    monkeypatch.setenv("DATASETS_DIR", str(env.datasets_dir))
+    monkeypatch.setenv("ONESEEK_STATE_DIR", str(env.state_dir))
+    monkeypatch.delenv("LEDGER_PRIVATE_KEY_PATH", raising=False)
+    monkeypatch.delenv("LEDGER_URL", raising=False)
+    yield env
