@@ -66,6 +66,18 @@ def _train_request(args: argparse.Namespace) -> dict[str, Any]:
     return body
 
 
+_FLAG_OF_FIELD = {field: "--" + attr.replace("_", "-") for attr, (field, _) in _TRAIN_FLAGS.items()}
+_FLAG_OF_FIELD.update({"baseModels": "--models", "datasetId": "--dataset"})
+
+
+def _as_flag(exc: OneSeekError) -> str:
+    """The validator speaks the request's field names; a terminal user typed flags."""
+    flag = _FLAG_OF_FIELD.get(exc.field or "")
+    if flag and exc.message.startswith(exc.field or ""):
+        return flag + exc.message[len(exc.field or "") :]
+    return exc.message
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -86,7 +98,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_id = generate_run_id(exists=lambda rid: (certified_root(models_root) / rid).exists())
         folder = RunFolder.create(models_root, run_id)
     except OneSeekError as exc:
-        return _error(str(exc))
+        return _error(_as_flag(exc))
 
     stop = threading.Event()
     console = Console(stderr=True, quiet=args.quiet)

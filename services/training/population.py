@@ -271,10 +271,7 @@ class PopulationTrainer:
             val_losses = {slot.name: self._validate(slot) for slot in self.slots}
             for name, value in (*train_losses.items(), *val_losses.items()):
                 if not math.isfinite(value):
-                    raise TrainingDiverged(
-                        f"Model '{name}' diverged at epoch {epoch}: its loss is {value}. "
-                        "Lower the learning rate or check the data."
-                    )
+                    raise self._diverged(name, epoch, value)
             self._keep_best(epoch, val_losses)
             if self._end_epoch(epoch, train_losses, val_losses):
                 return training_pb2.RUN_STATUS_AUTO_STOPPED
@@ -329,6 +326,13 @@ class PopulationTrainer:
                 )
         return _token_weighted_mean(losses, counts)
 
+    @staticmethod
+    def _diverged(model: str, epoch: int, loss: float) -> TrainingDiverged:
+        return TrainingDiverged(
+            f"Model '{model}' diverged at epoch {epoch}: its loss is {loss}. "
+            "Lower the learning rate or check the model's weights and the data."
+        )
+
     def _emit_progress(
         self,
         slot: ModelSlot,
@@ -349,12 +353,15 @@ class PopulationTrainer:
         self._last_progress = time.perf_counter()
         remaining = self.steps_planned - self.steps_done
         per_step = self._step_seconds / self.steps_done if self.steps_done else 0.0
+        train_loss = _token_weighted_mean(losses, counts)
+        if not math.isfinite(train_loss):
+            raise self._diverged(slot.name, epoch, train_loss)
         progress = training_pb2.Progress(
             epoch=epoch,
             model=slot.name,
             step=step,
             total_steps=total_steps,
-            train_loss=_token_weighted_mean(losses, counts),
+            train_loss=train_loss,
             tokens_per_second=tokens / elapsed if elapsed > 0 else 0.0,
             progress_percent=self.progress_percent(),
         )

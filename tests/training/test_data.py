@@ -530,3 +530,11 @@ def test_a_batch_size_below_one_is_refused(batch_size: int) -> None:
     with pytest.raises(InvalidInput) as caught:
         make_batches(examples_of_lengths(2), batch_size, pad_token_id=0, shuffle_seed=None)
     assert caught.value.field == "batchSize"
+
+
+def test_the_first_position_never_counts_as_a_target() -> None:
+    # the model predicts token t from tokens < t, so a trained label at position 0 has no loss
+    example = TokenizedExample(input_ids=(5, 6, 7), labels=(5, 6, 7))
+    (batch,) = make_batches([example], 1, pad_token_id=0, shuffle_seed=None)
+    assert batch.target_tokens == 2
+    assert batch.tokens == 3

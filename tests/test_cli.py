@@ -1,0 +1,107 @@
+"""The `oneseek` command as people use it: train, verify, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from services.cli import main
+from tests.conftest import IsolatedEnv
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def env(isolated_env: IsolatedEnv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> IsolatedEnv:
+    """isolated_env plus a datasets dir with a small copy of the sample and a broken file."""
+    datasets = tmp_path / "datasets"
+    datasets.mkdir()
+    lines = (REPO / "datasets" / "sample.jsonl").read_text().splitlines()
+    (datasets / "small.jsonl").write_text("\n".join(lines[:60]) + "\n")
+    (datasets / "broken.jsonl").write_text(lines[0] + "\n" + lines[1] + "\n{not json\n")
+    monkeypatch.setenv("DATASETS_DIR", str(datasets))
+    return IsolatedEnv(isolated_env.models_dir, datasets, isolated_env.state_dir)
+
+
+def certified(env: IsolatedEnv) -> list[Path]:
+    root = env.models_dir / "oneseek-certified"
+    return sorted(root.iterdir()) if root.exists() else []
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--models", "", "--dataset", "small"], "No base models selected"),
+        (["--models", "tiny-llama,nope", "--dataset", "small"], "nope"),
+        (["--models", "tiny-llama,tiny-llama", "--dataset", "small"], "tiny-llama"),
+        (["--models", "../tiny-llama", "--dataset", "small"], "not valid"),
+        (["--models", "tiny-llama", "--dataset", "missing"], "missing"),
+        (["--models", "tiny-llama", "--dataset", "broken"], "line 3"),
+        (["--models", "tiny-llama", "--dataset", "small", "--epochs", "0"], "--epochs must be"),
+        (
+            ["--models", "tiny-llama", "--dataset", "small", "--learning-rate", "-1"],
+            "--learning-rate must be",
+        ),
+        (["--models", "tiny-llama", "--dataset", "small", "--method", "qlora"], "--method must be"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_no_folder(
+    env: IsolatedEnv, capsys: pytest.CaptureFixture[str], args: list[str], expected: str
+) -> None:
+    assert main(["train", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    assert expected in err
+    assert certified(env) == []
+
+
+def test_unknown_model_lists_the_available_ones(
+    env: IsolatedEnv, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["train", "--models", "nope", "--dataset", "small"]) == 2
+    err = capsys.readouterr().err
+    assert "tiny-llama" in err and "tiny-gpt2" in err
+
+
+def test_train_then_verify_then_tamper(env: IsolatedEnv) -> None:
+    """The real console script, as a person runs it."""
+    oneseek = Path(sys.executable).parent / "oneseek"
+    result = subprocess.run(
+        [str(oneseek), "train", "--models", "tiny-llama,tiny-gpt2", "--dataset", "small"]
+        + ["--epochs", "10", "--auto-stop-threshold", "10", "--auto-stop-patience", "1"]
+        + ["--min-epochs", "2", "--learning-rate", "0.001"],
+        capture_output=True,
+        text=True,
+        env=os.environ.copy(),
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    run_id, run_dir = result.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert Path(run_dir) == env.models_dir / "oneseek-certified" / run_id
+    results = json.loads((Path(run_dir) / "training_results.json").read_text())
+    assert results["status"] == "auto_stopped" and results["epochs_run"] == 2
+
+    verify = [str(oneseek), "verify", run_dir]
+    ok = subprocess.run(verify, capture_output=True, text=True, check=False, timeout=120)
+    assert ok.returncode == 0 and "verified" in ok.stdout
+
+    adapter = Path(run_dir) / "adapters" / "tiny-gpt2" / "adapter_model.safetensors"
+    data = bytearray(adapter.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    adapter.write_bytes(bytes(data))
+    bad = subprocess.run(verify, capture_output=True, text=True, check=False, timeout=120)
+    assert bad.returncode == 1
+    assert "adapter_model.safetensors" in bad.stdout and "NOT verified" in bad.stdout
+
+
+def test_verify_refuses_a_missing_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["verify", str(tmp_path / "nope")]) == 2
+    assert "not a folder" in capsys.readouterr().err
