@@ -57,7 +57,9 @@ _TRAIN_FLAGS: dict[str, tuple[str, type]] = {
 
 
 def _train_request(args: argparse.Namespace) -> dict[str, Any]:
-    models = [m.strip() for m in (args.models or "").split(",") if m.strip()]
+    # BASE_MODELS serves a worker started by hand; the flag wins. No default model exists.
+    selection = args.models if args.models is not None else os.environ.get("BASE_MODELS", "")
+    models = [m.strip() for m in selection.split(",") if m.strip()]
     body: dict[str, Any] = {"datasetId": args.dataset, "baseModels": models}
     for attr, (field, _kind) in _TRAIN_FLAGS.items():
         value = getattr(args, attr)
@@ -199,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--datasets-dir", help="datasets folder (default $DATASETS_DIR or datasets)")
 
     train = sub.add_parser("train", help="train several base models side by side in this terminal")
-    train.add_argument("--models", required=True, help="comma-separated base model names")
+    train.add_argument("--models", help="comma-separated base model names (default $BASE_MODELS)")
     train.add_argument("--dataset", required=True, help="dataset id (<DATASETS_DIR>/<id>.jsonl)")
     for attr, (_field, kind) in _TRAIN_FLAGS.items():
         train.add_argument("--" + attr.replace("_", "-"), type=kind, default=None)
@@ -224,8 +226,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _quiet_libraries() -> None:
+    """The terminal UI is ours: no per-file loading bars or advisory notes from the HF stack."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    _quiet_libraries()
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

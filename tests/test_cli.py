@@ -105,3 +105,17 @@ def test_verify_refuses_a_missing_folder(
 ) -> None:
     assert main(["verify", str(tmp_path / "nope")]) == 2
     assert "not a folder" in capsys.readouterr().err
+
+
+def test_base_models_env_is_read_only_without_the_flag(
+    env: IsolatedEnv, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("BASE_MODELS", raising=False)
+    assert main(["train", "--dataset", "small"]) == 2
+    assert "No base models selected" in capsys.readouterr().err
+    monkeypatch.setenv("BASE_MODELS", "from-env")
+    assert main(["train", "--dataset", "small"]) == 2
+    assert "from-env" in capsys.readouterr().err
+    assert main(["train", "--models", "from-flag", "--dataset", "small"]) == 2
+    err = capsys.readouterr().err
+    assert "from-flag" in err and "from-env" not in err
