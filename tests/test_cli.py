@@ -71,10 +71,11 @@ def test_unknown_model_lists_the_available_ones(
 def test_train_then_verify_then_tamper(env: IsolatedEnv) -> None:
     """The real console script, as a person runs it."""
     oneseek = Path(sys.executable).parent / "oneseek"
+    command = [str(oneseek), "train", "--models", "tiny-llama,tiny-gpt2", "--dataset", "small"]
+    command += ["--epochs", "10", "--auto-stop-threshold", "10", "--auto-stop-patience", "1"]
+    command += ["--min-epochs", "2", "--learning-rate", "0.001"]
     result = subprocess.run(
-        [str(oneseek), "train", "--models", "tiny-llama,tiny-gpt2", "--dataset", "small"]
-        + ["--epochs", "10", "--auto-stop-threshold", "10", "--auto-stop-patience", "1"]
-        + ["--min-epochs", "2", "--learning-rate", "0.001"],
+        command,
         capture_output=True,
         text=True,
         env=os.environ.copy(),
