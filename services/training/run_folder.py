@@ -87,7 +87,7 @@ class RunFolder:
         if staged.exists():
             shutil.rmtree(staged)
         try:
-            model.save_pretrained(staged, safe_serialization=True)
+            model.save_pretrained(staged)  # safetensors: the default of both PEFT and transformers
             tokenizer.save_pretrained(staged)
             replace_dir_atomic(staged, final)
         except OSError as exc:

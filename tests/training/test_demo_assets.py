@@ -64,9 +64,15 @@ def test_a_second_call_creates_nothing(demo_models_dir: Path) -> None:
 
 
 def test_the_same_seed_gives_identical_files(tmp_path: Path, demo_models_dir: Path) -> None:
-    state = torch.random.get_rng_state()
     messages: list[str] = []
-    created = create_demo_assets(tmp_path / "models", tmp_path / "datasets", log=messages.append)
+    with torch.random.fork_rng(devices=[]):
+        # a caller's RNG in some other state must neither matter nor be changed
+        torch.manual_seed(987_654)
+        state = torch.random.get_rng_state()
+        created = create_demo_assets(
+            tmp_path / "models", tmp_path / "datasets", log=messages.append
+        )
+        assert torch.equal(torch.random.get_rng_state(), state)
     assert created == [
         tmp_path / "datasets" / "sample.jsonl",
         *(tmp_path / "models" / name for name in DEMO_MODELS),
@@ -78,7 +84,6 @@ def test_the_same_seed_gives_identical_files(tmp_path: Path, demo_models_dir: Pa
     # different models get different weights (each has its own seed)
     weights = {fresh[f"{name}/model.safetensors"] for name in DEMO_MODELS}
     assert len(weights) == len(DEMO_MODELS)
-    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG is untouched
     assert (tmp_path / "datasets" / "sample.jsonl").read_bytes() == sample_dataset_bytes()
 
 
