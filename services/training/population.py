@@ -149,6 +149,8 @@ class PopulationTrainer:
         self.slots: list[ModelSlot] = []
         self.steps_per_epoch = 0
         self.steps_done = 0
+        self.train_count = 0
+        self.val_count = 0
         self.epoch = 0
         self._step_seconds = 0.0
         self._last_progress = -math.inf
@@ -324,7 +326,7 @@ class PopulationTrainer:
                         epoch, slot.name, step, len(batches), self.steps_done, self.steps_planned
                     )
                 )
-            if now - self._last_progress >= cfg.refresh_interval or step == len(batches):
+            if now - self._last_progress >= cfg.refresh_interval:
                 self._emit_progress(
                     slot, epoch, step, len(batches), losses, counts, tokens, now - epoch_started
                 )
@@ -348,13 +350,7 @@ class PopulationTrainer:
         tokens: int,
         elapsed: float,
     ) -> None:
-        # The last step of a model's epoch always reports, the others at most once per
-        # refresh_interval; a page of a two-second run still sees every model move.
-        if step != total_steps and time.perf_counter() - self._last_progress < (
-            self.config.refresh_interval
-        ):
-            return
-        self._last_progress = time.perf_counter()
+        self._last_progress = time.perf_counter()  # at most one per refresh_interval
         remaining = self.steps_planned - self.steps_done
         per_step = self._step_seconds / self.steps_done if self.steps_done else 0.0
         train_loss = _token_weighted_mean(losses, counts)

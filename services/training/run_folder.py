@@ -148,9 +148,7 @@ class RunFolder:
             "finished_at": iso_now(),
             "duration_seconds": duration,
             "config": config.to_dict(),
-            "dataset": trainer.dataset.summary(
-                getattr(trainer, "train_count", 0), getattr(trainer, "val_count", 0)
-            ),
+            "dataset": trainer.dataset.summary(trainer.train_count, trainer.val_count),
             "base_models": [info.to_dict() for info in trainer.infos],
             "epochs_run": len(trainer.history),
             "total_epochs": config.epochs,

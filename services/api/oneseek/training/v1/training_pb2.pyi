@@ -405,6 +405,7 @@ class Run(_message.Message):
     DNA_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     LAST_SEQ_FIELD_NUMBER: _builtins.int
+    MODELS_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     status: Global___RunStatus.ValueType
     current_epoch: _builtins.int
@@ -422,6 +423,10 @@ class Run(_message.Message):
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def finished_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelInfo]:
+        """The base models of the run as found in MODELS_DIR when it started."""
+
     def __init__(
         self,
         *,
@@ -438,10 +443,11 @@ class Run(_message.Message):
         dna: _builtins.str | None = ...,
         error: _builtins.str | None = ...,
         last_seq: _builtins.int = ...,
+        models: _abc.Iterable[Global___ModelInfo] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_best_model", b"_best_model", "_dna", b"_dna", "_error", b"_error", "best_model", b"best_model", "config", b"config", "created_at", b"created_at", "dna", b"dna", "error", b"error", "finished_at", b"finished_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_best_model", b"_best_model", "_dna", b"_dna", "_error", b"_error", "best_model", b"best_model", "config", b"config", "created_at", b"created_at", "current_epoch", b"current_epoch", "dna", b"dna", "error", b"error", "finished_at", b"finished_at", "last_seq", b"last_seq", "progress_percent", b"progress_percent", "run_dir", b"run_dir", "run_id", b"run_id", "status", b"status", "total_epochs", b"total_epochs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_best_model", b"_best_model", "_dna", b"_dna", "_error", b"_error", "best_model", b"best_model", "config", b"config", "created_at", b"created_at", "current_epoch", b"current_epoch", "dna", b"dna", "error", b"error", "finished_at", b"finished_at", "last_seq", b"last_seq", "models", b"models", "progress_percent", b"progress_percent", "run_dir", b"run_dir", "run_id", b"run_id", "status", b"status", "total_epochs", b"total_epochs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__best_model: _TypeAlias = _typing.Literal["best_model"]  # noqa: Y015
     _WhichOneofArgType__best_model: _TypeAlias = _typing.Literal["_best_model", b"_best_model"]  # noqa: Y015
