@@ -99,6 +99,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         dataset = load_dataset(config.dataset_id, datasets_root)
         run_id = generate_run_id(exists=lambda rid: (certified_root(models_root) / rid).exists())
         folder = RunFolder.create(models_root, run_id)
+        folder.write_manifest(config, [m.to_dict() for m in models])
     except OneSeekError as exc:
         return _error(_as_flag(exc))
 
@@ -125,12 +126,17 @@ def cmd_train(args: argparse.Namespace) -> int:
             stop=stop,
             on_step=display.on_step,
         )
-        with display:
+        with folder.worker_lock(), display:
             outcome = trainer.run()
     except OneSeekError as exc:
         return _error(str(exc))
     finally:
         signal.signal(signal.SIGINT, previous)
+    if outcome.bad_input:
+        # a broken model folder is bad input, found only once loading began: nothing was
+        # trained, so no half-made run folder stays behind
+        folder.discard()
+        return _error(outcome.error or "bad input")
     print(f"{outcome.run_id} {outcome.run_dir}")
     return EXIT_FAILED if outcome.status == training_pb2.RUN_STATUS_FAILED else EXIT_OK
 
@@ -219,6 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--force", action="store_true", help="recreate existing demo models")
     common(demo)
     demo.set_defaults(func=cmd_demo_assets)
+
+    from services.training import server as training_server
+
+    training = sub.add_parser("training-service", help="serve TrainingService over gRPC")
+    training_server.add_arguments(training)
+    training.set_defaults(func=training_server.run)
 
     up = sub.add_parser("up", help="start the whole suite for local use")
     common(up)

@@ -8,9 +8,10 @@ are small, so 16 MiB is generous for a full metrics history and refuses absurd m
 from __future__ import annotations
 
 import hmac
+import logging
 import os
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc import aio
@@ -80,7 +81,10 @@ def token_matches(header: str | None, tokens: Iterable[str | None]) -> bool:
     return matched
 
 
-Handler = grpc.RpcMethodHandler[Any, Any]
+if TYPE_CHECKING:
+    Handler = grpc.RpcMethodHandler[Any, Any]
+else:
+    Handler = grpc.RpcMethodHandler
 
 
 class TokenAuthInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]
@@ -136,3 +140,22 @@ async def add_health_and_reflection(server: aio.Server, service_names: list[str]
 async def set_not_serving(servicer: HealthServicer, service_names: list[str]) -> None:
     for name in ["", *service_names]:
         await servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+
+class _KeyValueFormatter(logging.Formatter):
+    """`time level logger message run_id=...`: greppable, with the run id when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        run_id = getattr(record, "run_id", None)
+        return f"{line} run_id={run_id}" if run_id else line
+
+
+def configure_logging(service: str, level: str | None = None) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        _KeyValueFormatter(f"%(asctime)s %(levelname)s {service} %(name)s: %(message)s")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level or os.environ.get("ONESEEK_LOG_LEVEL") or "INFO")

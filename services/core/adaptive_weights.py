@@ -6,30 +6,14 @@ Pure functions on plain mappings (DESIGN.md section 6); the trainer applies the 
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from services.core.checks import finite_number, flag, known_keys
 from services.core.errors import InvalidInput
 
 _SECTION = "adaptive_weights"
-
-
-def _real(value: object, field: str) -> float:
-    # bool is an int subclass; True as a multiplier is always a caller's mistake
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidInput(f"{field} must be a number, got {value!r}.", field=field)
-    number = float(value)
-    if not math.isfinite(number):
-        raise InvalidInput(f"{field} must be a finite number, got {value!r}.", field=field)
-    return number
-
-
-def _flag(value: object, field: str) -> bool:
-    if not isinstance(value, bool):
-        raise InvalidInput(f"{field} must be true or false, got {value!r}.", field=field)
-    return value
 
 
 @dataclass(frozen=True)
@@ -50,37 +34,25 @@ class AdaptiveWeightsConfig:
     """Rescale so the weights average 1 (sum to N) after clamping."""
 
     def __post_init__(self) -> None:
-        _flag(self.enabled, "enabled")
-        _flag(self.normalize_weights, "normalize_weights")
-        low = _real(self.min_multiplier, "min_multiplier")
-        high = _real(self.max_multiplier, "max_multiplier")
-        boost = _real(self.top_model_boost, "top_model_boost")
-        penalty = _real(self.bottom_model_penalty, "bottom_model_penalty")
+        flag(self.enabled, "enabled")
+        flag(self.normalize_weights, "normalize_weights")
         # a scale c with sum(clamp(c * raw)) == N exists only when min <= 1 <= max
-        if not 0 < low <= 1:
-            raise InvalidInput(
-                f"min_multiplier must be greater than 0 and at most 1, got {low}.",
-                field="min_multiplier",
-            )
-        if high < 1:
-            raise InvalidInput(
-                f"max_multiplier must be at least 1, got {high}.", field="max_multiplier"
-            )
-        if boost < 0:
-            raise InvalidInput(
-                f"top_model_boost must be 0 or more, got {boost}.", field="top_model_boost"
-            )
-        if not 0 <= penalty < 1:
-            raise InvalidInput(
-                f"bottom_model_penalty must be at least 0 and below 1, got {penalty}.",
-                field="bottom_model_penalty",
-            )
-        for name, number in (
-            ("min_multiplier", low),
-            ("max_multiplier", high),
-            ("top_model_boost", boost),
-            ("bottom_model_penalty", penalty),
-        ):
+        numbers = {
+            "min_multiplier": finite_number(
+                self.min_multiplier, "min_multiplier", low=0, low_inclusive=False, high=1
+            ),
+            "max_multiplier": finite_number(self.max_multiplier, "max_multiplier", low=1),
+            "top_model_boost": finite_number(self.top_model_boost, "top_model_boost", low=0),
+            # below 1 keeps the worst model's raw weight positive
+            "bottom_model_penalty": finite_number(
+                self.bottom_model_penalty,
+                "bottom_model_penalty",
+                low=0,
+                high=1,
+                high_inclusive=False,
+            ),
+        }
+        for name, number in numbers.items():
             object.__setattr__(self, name, number)
 
     @classmethod
@@ -96,24 +68,15 @@ class AdaptiveWeightsConfig:
             "adjust_strategy",
             "normalize_weights",
         )
-        _refuse_unknown(section, allowed, _SECTION)
+        known_keys(section, allowed, _SECTION)
         values: dict[str, Any] = {k: v for k, v in section.items() if k != "adjust_strategy"}
         strategy = section.get("adjust_strategy", {})
         field = f"{_SECTION}.adjust_strategy"
         if not isinstance(strategy, Mapping):
             raise InvalidInput(f"{field} must be a mapping, got {strategy!r}.", field=field)
-        _refuse_unknown(strategy, ("top_model_boost", "bottom_model_penalty"), field)
+        known_keys(strategy, ("top_model_boost", "bottom_model_penalty"), field)
         values.update(strategy)
         return cls(**values)
-
-
-def _refuse_unknown(section: Mapping[str, Any], allowed: Sequence[str], field: str) -> None:
-    unknown = [key for key in section if key not in allowed]
-    if unknown:
-        raise InvalidInput(
-            f"Unknown key {unknown[0]!r} in {field}; allowed keys: {', '.join(allowed)}.",
-            field=field,
-        )
 
 
 @dataclass(frozen=True)
@@ -154,12 +117,7 @@ def adjust_weights(
 ) -> WeightAdjustment:
     """Rank by validation loss, boost the best, penalise the worst, clamp and normalise."""
     previous = _check_weights(weights, "weights")
-    if set(previous) != set(val_losses):
-        raise InvalidInput(
-            "weights and val_losses must name the same models; got "
-            f"{sorted(previous)} and {sorted(val_losses)}.",
-            field="val_losses",
-        )
+    _require_same_models(previous, val_losses)
     ranking = rank_models(val_losses)
     if len(previous) < 2 or not config.enabled:
         return WeightAdjustment(ranking, dict(previous), dict(previous), dict(previous))
@@ -186,8 +144,8 @@ def normalize(
     solve the linear equation there.
     """
     values = _check_weights(raw, "raw_weights")
-    low = _real(min_multiplier, "min_multiplier")
-    high = _real(max_multiplier, "max_multiplier")
+    low = finite_number(min_multiplier, "min_multiplier")
+    high = finite_number(max_multiplier, "max_multiplier")
     if not 0 < low <= 1 <= high:
         raise InvalidInput(
             f"Need 0 < min_multiplier <= 1 <= max_multiplier, got {low} and {high}.",
@@ -228,7 +186,7 @@ def _scale(raw: list[float], low: float, high: float, target: float) -> float:
 
 def lr_multipliers(weights: Mapping[str, float], learning_rate: float) -> dict[str, float]:
     """The effective learning rate per model: `learning_rate * w`."""
-    rate = _real(learning_rate, "learning_rate")
+    rate = finite_number(learning_rate, "learning_rate")
     return {model: rate * weight for model, weight in _check_weights(weights, "weights").items()}
 
 
@@ -236,12 +194,7 @@ def population_loss(val_losses: Mapping[str, float], weights: Mapping[str, float
     """`sum((w_i / N) * loss_i)` with the weights that were in force during the epoch."""
     losses = _check_losses(val_losses)
     checked = _check_weights(weights, "weights")
-    if set(losses) != set(checked):
-        raise InvalidInput(
-            "weights and val_losses must name the same models; got "
-            f"{sorted(checked)} and {sorted(losses)}.",
-            field="val_losses",
-        )
+    _require_same_models(checked, losses)
     count = len(losses)
     return sum((checked[model] / count) * loss for model, loss in losses.items())
 
@@ -256,31 +209,27 @@ def _check_losses(val_losses: Mapping[str, float]) -> dict[str, float]:
             f"val_losses must map each model to its validation loss, got {val_losses!r}.",
             field="val_losses",
         )
-    losses: dict[str, float] = {}
-    for model, loss in val_losses.items():
-        if isinstance(loss, bool) or not isinstance(loss, (int, float)) or not math.isfinite(loss):
-            raise InvalidInput(
-                f"Validation loss of {model!r} must be a finite number, got {loss!r}.",
-                field="val_losses",
-            )
-        losses[model] = float(loss)
-    return losses
+    return {
+        model: finite_number(loss, "val_losses", subject=f"Validation loss of {model!r}")
+        for model, loss in val_losses.items()
+    }
 
 
 def _check_weights(weights: Mapping[str, float], field: str) -> dict[str, float]:
     if not isinstance(weights, Mapping):
         raise InvalidInput(f"{field} must map each model to its weight.", field=field)
-    checked: dict[str, float] = {}
-    for model, weight in weights.items():
-        if (
-            isinstance(weight, bool)
-            or not isinstance(weight, (int, float))
-            or not math.isfinite(weight)
-            or weight <= 0
-        ):
-            raise InvalidInput(
-                f"Weight of {model!r} must be a finite number above 0, got {weight!r}.",
-                field=field,
-            )
-        checked[model] = float(weight)
-    return checked
+    return {
+        model: finite_number(
+            weight, field, low=0, low_inclusive=False, subject=f"Weight of {model!r}"
+        )
+        for model, weight in weights.items()
+    }
+
+
+def _require_same_models(weights: Mapping[str, float], val_losses: Mapping[str, float]) -> None:
+    if set(weights) != set(val_losses):
+        raise InvalidInput(
+            "weights and val_losses must name the same models; got "
+            f"{sorted(weights)} and {sorted(val_losses)}.",
+            field="val_losses",
+        )

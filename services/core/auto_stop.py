@@ -5,24 +5,15 @@ A pure step function over an immutable state (DESIGN.md section 6); the trainer 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from services.core.checks import finite_number, flag, known_keys, whole_number
 from services.core.errors import InvalidInput
 
 _SECTION = "confidence_auto_stop"
 _KEYS = ("enabled", "threshold", "patience", "min_epochs")
-
-
-def _count(value: object, field: str) -> int:
-    # bool is an int subclass and a float like 3.0 hides a unit mistake: both are refused
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidInput(f"{field} must be a whole number, got {value!r}.", field=field)
-    if value < 1:
-        raise InvalidInput(f"{field} must be at least 1, got {value}.", field=field)
-    return value
 
 
 @dataclass(frozen=True)
@@ -39,21 +30,10 @@ class AutoStopConfig:
     """Never stop before this epoch; >= 1."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.enabled, bool):
-            raise InvalidInput(
-                f"enabled must be true or false, got {self.enabled!r}.", field="enabled"
-            )
-        threshold = self.threshold
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-            raise InvalidInput(f"threshold must be a number, got {threshold!r}.", field="threshold")
-        if not math.isfinite(threshold) or threshold < 0:
-            raise InvalidInput(
-                f"threshold must be a finite number of 0 or more, got {threshold!r}.",
-                field="threshold",
-            )
-        object.__setattr__(self, "threshold", float(threshold))
-        _count(self.patience, "patience")
-        _count(self.min_epochs, "min_epochs")
+        flag(self.enabled, "enabled")
+        object.__setattr__(self, "threshold", finite_number(self.threshold, "threshold", low=0))
+        whole_number(self.patience, "patience", 1)
+        whole_number(self.min_epochs, "min_epochs", 1)
 
     @classmethod
     def from_mapping(cls, section: Mapping[str, Any]) -> AutoStopConfig:
@@ -61,12 +41,7 @@ class AutoStopConfig:
         unknown keys are refused so a typo never silently falls back."""
         if not isinstance(section, Mapping):
             raise InvalidInput(f"{_SECTION} must be a mapping, got {section!r}.", field=_SECTION)
-        unknown = [key for key in section if key not in _KEYS]
-        if unknown:
-            raise InvalidInput(
-                f"Unknown key {unknown[0]!r} in {_SECTION}; allowed keys: {', '.join(_KEYS)}.",
-                field=_SECTION,
-            )
+        known_keys(section, _KEYS, _SECTION)
         return cls(**section)
 
 
@@ -108,15 +83,7 @@ def auto_stop_step(
     state: AutoStopState, total_loss: float, config: AutoStopConfig
 ) -> AutoStopState:
     """Fold one epoch's population loss into the state."""
-    if (
-        isinstance(total_loss, bool)
-        or not isinstance(total_loss, (int, float))
-        or not math.isfinite(total_loss)
-    ):
-        raise InvalidInput(
-            f"total_loss must be a finite number, got {total_loss!r}.", field="total_loss"
-        )
-    total = float(total_loss)
+    total = finite_number(total_loss, "total_loss")
     epoch = state.epoch + 1
     change: float | None = None
     streak = 0

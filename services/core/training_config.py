@@ -6,7 +6,6 @@ settings, built from the camelCase start request and stored snake_case in the ru
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -16,6 +15,7 @@ from typing import Any
 
 from services.core.adaptive_weights import AdaptiveWeightsConfig
 from services.core.auto_stop import AutoStopConfig
+from services.core.checks import finite_number, whole_number
 from services.core.errors import ArtifactError, InvalidInput, NotFound
 
 
@@ -215,48 +215,6 @@ _METHODS = ("lora", "full")
 _INT32_MAX = 2**31 - 1  # the gRPC messages carry these counts as int32
 
 
-def _whole(value: object, field: str, low: int, high: int) -> int:
-    # bool is an int subclass, and 3.0 for a count usually means a unit mix-up: refuse both
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidInput(
-            f"{field} must be a whole number from {low} to {high}, got {value!r}.", field=field
-        )
-    if not low <= value <= high:
-        raise InvalidInput(f"{field} must be from {low} to {high}, got {value}.", field=field)
-    return value
-
-
-def _number(
-    value: object,
-    field: str,
-    *,
-    above: float | None = None,
-    at_least: float | None = None,
-    below: float | None = None,
-) -> float:
-    rule = " and ".join(
-        part
-        for part in (
-            f"above {above:g}" if above is not None else "",
-            f"at least {at_least:g}" if at_least is not None else "",
-            f"below {below:g}" if below is not None else "",
-        )
-        if part
-    )
-    allowed = f"a finite number {rule}".rstrip()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidInput(f"{field} must be {allowed}, got {value!r}.", field=field)
-    number = float(value)
-    if (
-        not math.isfinite(number)
-        or (above is not None and not number > above)
-        or (at_least is not None and not number >= at_least)
-        or (below is not None and not number < below)
-    ):
-        raise InvalidInput(f"{field} must be {allowed}, got {value!r}.", field=field)
-    return number
-
-
 @dataclass(frozen=True)
 class RunConfig:
     """One run's settings, validated on construction; errors name the camelCase request field."""
@@ -293,26 +251,39 @@ class RunConfig:
             object.__setattr__(self, "base_models", tuple(validate_base_models(self.base_models)))
         else:
             validate_base_models(self.base_models)
-        _whole(self.epochs, "epochs", 1, _LIMITS["max_epochs"])
+        whole_number(self.epochs, "epochs", 1, _LIMITS["max_epochs"])
         numbers = {
-            "learning_rate": _number(self.learning_rate, "learningRate", above=0),
-            "lora_dropout": _number(self.lora_dropout, "loraDropout", at_least=0, below=1),
-            "validation_split": _number(self.validation_split, "validationSplit", above=0, below=1),
-            "weight_decay": _number(self.weight_decay, "weightDecay", at_least=0),
-            "refresh_interval": _number(self.refresh_interval, "refreshInterval", above=0),
+            "learning_rate": finite_number(
+                self.learning_rate, "learningRate", low=0, low_inclusive=False
+            ),
+            "lora_dropout": finite_number(
+                self.lora_dropout, "loraDropout", low=0, high=1, high_inclusive=False
+            ),
+            "validation_split": finite_number(
+                self.validation_split,
+                "validationSplit",
+                low=0,
+                low_inclusive=False,
+                high=1,
+                high_inclusive=False,
+            ),
+            "weight_decay": finite_number(self.weight_decay, "weightDecay", low=0),
+            "refresh_interval": finite_number(
+                self.refresh_interval, "refreshInterval", low=0, low_inclusive=False
+            ),
         }
         for name, number in numbers.items():
             object.__setattr__(self, name, number)
-        _whole(self.batch_size, "batchSize", 1, _LIMITS["max_batch_size"])
-        _whole(self.seed, "seed", 0, 2**32 - 1)
+        whole_number(self.batch_size, "batchSize", 1, _LIMITS["max_batch_size"])
+        whole_number(self.seed, "seed", 0, 2**32 - 1)
         if self.method not in _METHODS:
             raise InvalidInput(
                 f"method must be one of {', '.join(_METHODS)}, got {self.method!r}.",
                 field="method",
             )
-        _whole(self.lora_rank, "loraRank", 1, _LIMITS["max_lora_rank"])
-        _whole(self.lora_alpha, "loraAlpha", 1, _INT32_MAX)
-        _whole(self.max_seq_length, "maxSeqLength", 8, _LIMITS["max_seq_length"])
+        whole_number(self.lora_rank, "loraRank", 1, _LIMITS["max_lora_rank"])
+        whole_number(self.lora_alpha, "loraAlpha", 1, _INT32_MAX)
+        whole_number(self.max_seq_length, "maxSeqLength", 8, _LIMITS["max_seq_length"])
         if not isinstance(self.adaptive_weights, AdaptiveWeightsConfig):
             raise InvalidInput(
                 "adaptive_weights must be an AdaptiveWeightsConfig.", field="adaptiveWeights"
@@ -351,13 +322,13 @@ class RunConfig:
                 "datasetId is required: name a dataset in DATASETS_DIR.", field="datasetId"
             )
         # checked here so the error names the request field, not AutoStopConfig's own
-        threshold = _number(
-            pick("autoStopThreshold", stop["threshold"]), "autoStopThreshold", at_least=0
+        threshold = finite_number(
+            pick("autoStopThreshold", stop["threshold"]), "autoStopThreshold", low=0
         )
-        patience = _whole(
+        patience = whole_number(
             pick("autoStopPatience", stop["patience"]), "autoStopPatience", 1, _INT32_MAX
         )
-        min_epochs = _whole(pick("minEpochs", stop["min_epochs"]), "minEpochs", 1, _INT32_MAX)
+        min_epochs = whole_number(pick("minEpochs", stop["min_epochs"]), "minEpochs", 1, _INT32_MAX)
         base_models = body.get("baseModels")
         return cls(
             dataset_id=body["datasetId"],

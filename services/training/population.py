@@ -91,6 +91,8 @@ class RunOutcome:
     duration_seconds: float
     history: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
+    bad_input: bool = False
+    """The failure is bad input found while loading (a broken model folder): nothing trained."""
 
     @property
     def status_name(self) -> str:
@@ -212,15 +214,22 @@ class PopulationTrainer:
             return model
         from peft import LoraConfig, get_peft_model
         from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+        from transformers.pytorch_utils import Conv1D
 
         model_type = getattr(getattr(model, "config", None), "model_type", "")
         targets = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type)
         target_modules: list[str] | str = list(targets) if targets else "all-linear"
+        # GPT-2 style models store their projections transposed (Conv1D); LoRA must know
+        conv1d = any(
+            isinstance(module, Conv1D) and name.rsplit(".", 1)[-1] in (targets or ())
+            for name, module in model.named_modules()
+        )
         lora = LoraConfig(
             r=self.config.lora_rank,
             lora_alpha=self.config.lora_alpha,
             lora_dropout=self.config.lora_dropout,
             target_modules=target_modules,
+            fan_in_fan_out=conv1d,
             task_type="CAUSAL_LM",
         )
         with warnings.catch_warnings():
@@ -245,14 +254,7 @@ class PopulationTrainer:
         started = time.monotonic()
         self.folder.started()
         try:
-            try:
-                self.prepare()
-            except (InvalidInput, NotFound):
-                # bad input found while loading (a broken model folder): nothing was trained,
-                # so no half-made run folder stays behind; the caller reports the error
-                self.events.close()
-                self.folder.discard()
-                raise
+            self.prepare()
             status = self._train()
             return self._finish(status, started)
         except Exception as exc:
@@ -534,4 +536,5 @@ class PopulationTrainer:
             duration_seconds=duration,
             history=self.history,
             error=message,
+            bad_input=isinstance(exc, (InvalidInput, NotFound)) and not self.history,
         )

@@ -7,8 +7,12 @@ live_metrics.json, training_results.json, then oneseek_dna.json and ledger_proof
 
 from __future__ import annotations
 
+import fcntl
+import json
 import platform
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,12 +24,14 @@ from services.core.atomic import replace_dir_atomic, write_json_atomic
 from services.core.dna import build_dna, model_fingerprint, write_dna
 from services.core.errors import ArtifactError, InvalidInput
 from services.core.ledger import write_ledger_proof
-from services.core.training_config import TRAINING_CONFIG, validate_run_id
+from services.core.training_config import TRAINING_CONFIG, RunConfig, validate_run_id
 
 if TYPE_CHECKING:
     from services.training.population import PopulationTrainer
 
 CERTIFIED_DIR = str(TRAINING_CONFIG["metadata"]["certified_dir"])
+MANIFEST_FILE = "run.json"
+LOCK_FILE = ".worker.lock"
 RESULTS_FILE = "training_results.json"
 LIVE_METRICS_FILE = "live_metrics.json"
 ADAPTERS_DIR = "adapters"
@@ -66,6 +72,48 @@ class RunFolder:
         except OSError as exc:
             raise ArtifactError(f"Cannot create the run folder {path}: {exc.strerror}.") from exc
         return cls(path)
+
+    def write_manifest(self, config: RunConfig, models: list[dict[str, Any]]) -> None:
+        """run.json: what a restarted service needs to list the run (the rest is in events)."""
+        self._write(
+            MANIFEST_FILE,
+            {
+                "run_id": self.run_id,
+                "created_at": self.created_at,
+                "config": config.to_dict(),
+                "models": models,
+            },
+        )
+
+    def read_manifest(self) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads((self.path / MANIFEST_FILE).read_text(encoding="utf-8"))
+        return data
+
+    @contextmanager
+    def worker_lock(self) -> Iterator[None]:
+        """Held by whichever process trains the run (CLI or service worker) for its whole life,
+        so a restarted service can tell a run still being trained from an interrupted one."""
+        with open(self.path / LOCK_FILE, "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as exc:
+                raise ArtifactError(f"Run {self.run_id} is already being trained.") from exc
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def is_being_trained(self) -> bool:
+        lock = self.path / LOCK_FILE
+        if not lock.exists():
+            return False
+        with open(lock, "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            return False
 
     def started(self) -> None:
         (self.path / ADAPTERS_DIR).mkdir(exist_ok=True)

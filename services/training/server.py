@@ -1,0 +1,204 @@
+"""The training service over gRPC: `oneseek training-service --addr 127.0.0.1:50051`.
+
+Maps TrainingService RPCs onto `TrainingService` (service.py) and its errors onto status codes.
+SIGTERM: health goes NOT_SERVING, new calls are refused, active runs are stopped cleanly
+(see `TrainingService.shutdown`), open streams end, then the server stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+from grpc import aio
+
+from services.api import training_pb2, training_pb2_grpc
+from services.api.runtime import (
+    SERVER_OPTIONS,
+    TokenAuthInterceptor,
+    add_health_and_reflection,
+    admin_token,
+    configure_logging,
+    set_not_serving,
+    training_addr,
+)
+from services.core.errors import InvalidInput, NotFound, OneSeekError
+from services.training.data import datasets_dir
+from services.training.models import models_dir
+from services.training.service import Conflict, TooSlow, TrainingService, request_body
+
+log = logging.getLogger("oneseek.training.server")
+
+SERVICE_NAME = training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name
+_MUTATING = ("StartRun", "StopRun", "ResumeRun")
+T = TypeVar("T")
+
+
+def status_of(error: OneSeekError) -> grpc.StatusCode:
+    """One table from our errors to gRPC status codes."""
+    if isinstance(error, NotFound):
+        return grpc.StatusCode.NOT_FOUND
+    if isinstance(error, InvalidInput):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(error, Conflict):
+        return grpc.StatusCode.FAILED_PRECONDITION
+    if isinstance(error, TooSlow):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    return grpc.StatusCode.INTERNAL
+
+
+async def _answer(context: aio.ServicerContext[Any, Any], call: Callable[[], Awaitable[T]]) -> T:
+    try:
+        return await call()
+    except OneSeekError as error:
+        await context.abort(status_of(error), error.message)
+        raise  # unreachable: abort raises
+
+
+class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
+    def __init__(self, service: TrainingService) -> None:
+        self.service = service
+
+    async def StartRun(
+        self, request: training_pb2.StartRunRequest, context: aio.ServicerContext[Any, Any]
+    ) -> training_pb2.StartRunResponse:
+        record = await _answer(context, lambda: self.service.start(request_body(request)))
+        return training_pb2.StartRunResponse(run_id=record.run_id, status=record.status)  # type: ignore[arg-type]
+
+    async def GetRun(
+        self, request: training_pb2.GetRunRequest, context: aio.ServicerContext[Any, Any]
+    ) -> training_pb2.Run:
+        async def get() -> training_pb2.Run:
+            return self.service.get(request.run_id).to_proto()
+
+        return await _answer(context, get)
+
+    async def ListRuns(
+        self, request: training_pb2.ListRunsRequest, context: aio.ServicerContext[Any, Any]
+    ) -> training_pb2.ListRunsResponse:
+        async def runs() -> training_pb2.ListRunsResponse:
+            records = self.service.runs_newest_first(request.status, request.limit)
+            return training_pb2.ListRunsResponse(runs=[r.to_proto() for r in records])
+
+        return await _answer(context, runs)
+
+    async def StopRun(
+        self, request: training_pb2.StopRunRequest, context: aio.ServicerContext[Any, Any]
+    ) -> training_pb2.StopRunResponse:
+        record = await _answer(context, lambda: self.service.stop(request.run_id))
+        return training_pb2.StopRunResponse(run=record.to_proto())
+
+    async def ResumeRun(
+        self, request: training_pb2.ResumeRunRequest, context: aio.ServicerContext[Any, Any]
+    ) -> training_pb2.StartRunResponse:
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED,
+            "Resuming runs is not available in this version; start a new run.",
+        )
+        raise AssertionError("unreachable")
+
+    async def WatchRun(
+        self, request: training_pb2.WatchRunRequest, context: aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[training_pb2.TrainingEvent]:
+        try:
+            async for event in self.service.watch(request.run_id, request.after_seq):
+                yield event
+        except OneSeekError as error:
+            await context.abort(status_of(error), error.message)
+
+    async def StreamEvents(
+        self, request: training_pb2.StreamEventsRequest, context: aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[training_pb2.TrainingEvent]:
+        try:
+            async for event in self.service.stream(request.after_cursor):
+                yield event
+        except OneSeekError as error:
+            await context.abort(status_of(error), error.message)
+
+
+async def serve(
+    addr: str,
+    *,
+    models_root: Path,
+    datasets_root: Path,
+    state_dir: Path,
+    max_active_runs: int | None = None,
+    shutdown_grace: float = 30.0,
+    ready: Callable[[int], None] | None = None,
+) -> None:
+    service = TrainingService(
+        models_root=models_root,
+        datasets_root=datasets_root,
+        state_dir=state_dir,
+        max_active_runs=max_active_runs,
+    )
+    service.load()
+    prefix = f"/{SERVICE_NAME}/"
+    server = aio.server(
+        options=SERVER_OPTIONS,
+        interceptors=[
+            TokenAuthInterceptor({prefix + m: lambda: [admin_token()] for m in _MUTATING})
+        ],
+    )
+    training_pb2_grpc.add_TrainingServiceServicer_to_server(TrainingServicer(service), server)
+    health = await add_health_and_reflection(server, [SERVICE_NAME])
+    port = server.add_insecure_port(addr)
+    if port == 0:
+        raise OSError(f"cannot listen on {addr}")
+    await server.start()
+    log.info("training service listening on %s (port %s)", addr, port)
+    if ready is not None:
+        ready(port)
+
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    try:
+        await stopping.wait()
+    finally:
+        log.info("shutting down: stopping active runs (grace %ss)", shutdown_grace)
+        await set_not_serving(health, [SERVICE_NAME])
+        await service.shutdown(grace=shutdown_grace)
+        await server.stop(grace=5)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(sig)
+        log.info("training service stopped")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--addr", help="listen address (default $ONESEEK_TRAINING_ADDR)")
+    parser.add_argument("--models-dir", help="base models (default $MODELS_DIR or models)")
+    parser.add_argument("--datasets-dir", help="datasets (default $DATASETS_DIR or datasets)")
+    parser.add_argument("--max-active-runs", type=int, help="concurrent runs (default 1)")
+    parser.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=30.0,
+        help="seconds active runs get to stop cleanly on SIGTERM",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    configure_logging("training-service")
+    state = Path(os.environ.get("ONESEEK_STATE_DIR") or "var")
+    asyncio.run(
+        serve(
+            args.addr or training_addr(),
+            models_root=Path(args.models_dir) if args.models_dir else models_dir(),
+            datasets_root=Path(args.datasets_dir) if args.datasets_dir else datasets_dir(),
+            state_dir=state,
+            max_active_runs=args.max_active_runs,
+            shutdown_grace=args.shutdown_grace,
+        )
+    )
+    return 0
