@@ -6,6 +6,7 @@ publisher or the other subscribers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from types import TracebackType
 
 from services.api import training_pb2
@@ -43,10 +44,9 @@ class Subscription:
     def close(self) -> None:
         """Ends the subscription cleanly (the service is shutting down)."""
         self.closed = True
-        try:
+        # a full queue means the reader is busy, and it sees the flag on its next call
+        with contextlib.suppress(asyncio.QueueFull):
             self._queue.put_nowait(None)
-        except asyncio.QueueFull:
-            pass  # the reader is busy with a full queue and sees the flag on its next call
 
     async def next(self) -> training_pb2.TrainingEvent | None:
         """The next live event; None once closed; SubscriberTooSlow once dropped."""

@@ -105,6 +105,16 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         )
         raise AssertionError("unreachable")
 
+    async def GetArtifact(
+        self, request: training_pb2.GetArtifactRequest, context: aio.ServicerContext[Any, Any]
+    ) -> training_pb2.Artifact:
+        content, digest = await _answer(
+            context, lambda: self.service.artifact(request.run_id, request.name)
+        )
+        return training_pb2.Artifact(
+            run_id=request.run_id, name=request.name, content=content, sha256=digest
+        )
+
     async def WatchRun(
         self, request: training_pb2.WatchRunRequest, context: aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[training_pb2.TrainingEvent]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -43,6 +44,7 @@ Event = training_pb2.TrainingEvent
 RUNNING = training_pb2.RUN_STATUS_RUNNING
 TERMINAL = ("training_complete", "training_error")
 SUBSCRIBER_QUEUE = 4096
+ARTIFACTS = ("live_metrics.json", "training_results.json", "oneseek_dna.json", "ledger_proof.json")
 
 
 class Conflict(OneSeekError):
@@ -368,6 +370,24 @@ class TrainingService:
         )
         record.worker = worker
         worker.start()
+
+    async def artifact(self, run_id: str, name: str) -> tuple[str, str]:
+        """(text, sha256) of one of the run folder's JSON artifacts."""
+        record = self.get(run_id)
+        if name not in ARTIFACTS:
+            raise InvalidInput(
+                f"Artifact {name!r} is not available; ask for one of {', '.join(ARTIFACTS)}.",
+                field="name",
+            )
+        path = record.folder.path / name
+        try:
+            data = await asyncio.to_thread(path.read_bytes)
+        except FileNotFoundError as exc:
+            raise NotFound(
+                f"Run {run_id} has no {name} yet (status {_status(record.status)}).",
+                field="name",
+            ) from exc
+        return data.decode("utf-8"), hashlib.sha256(data).hexdigest()
 
     async def stop(self, run_id: str) -> RunRecord:
         record = self.get(run_id)

@@ -153,6 +153,15 @@ def test_a_run_streams_every_event_in_order_to_two_watchers(
     logged = [json.loads(line) for line in lines]
     assert logged == first
 
+    # artifacts come over gRPC byte for byte, and only the run folder's JSON files do
+    dna = stub.GetArtifact(training_pb2.GetArtifactRequest(run_id=run_id, name="oneseek_dna.json"))
+    assert dna.content == (Path(run.run_dir) / "oneseek_dna.json").read_text()
+    assert json.loads(dna.content)["dna"] == done["dna"]
+    for name in ("../run.json", "events.jsonl", "/etc/passwd", ""):
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.GetArtifact(training_pb2.GetArtifactRequest(run_id=run_id, name=name), timeout=5)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
     # reconnecting after any seq yields exactly the rest
     for after in (0, 1, len(first) // 2, len(first) - 1, len(first)):
         rest = watch(stub, run_id, after)

@@ -70,6 +70,11 @@ class TrainingServiceStub:
                 request_serializer=oneseek_dot_training_dot_v1_dot_training__pb2.StreamEventsRequest.SerializeToString,
                 response_deserializer=oneseek_dot_training_dot_v1_dot_training__pb2.TrainingEvent.FromString,
                 _registered_method=True)
+        self.GetArtifact = channel.unary_unary(
+                '/oneseek.training.v1.TrainingService/GetArtifact',
+                request_serializer=oneseek_dot_training_dot_v1_dot_training__pb2.GetArtifactRequest.SerializeToString,
+                response_deserializer=oneseek_dot_training_dot_v1_dot_training__pb2.Artifact.FromString,
+                _registered_method=True)
 
 
 class TrainingServiceServicer:
@@ -123,6 +128,14 @@ class TrainingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetArtifact(self, request, context):
+        """One JSON file of a run folder (live_metrics.json, training_results.json,
+        oneseek_dna.json, ledger_proof.json), so clients never need the service's disk.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -160,6 +173,11 @@ def add_TrainingServiceServicer_to_server(servicer, server):
                     servicer.StreamEvents,
                     request_deserializer=oneseek_dot_training_dot_v1_dot_training__pb2.StreamEventsRequest.FromString,
                     response_serializer=oneseek_dot_training_dot_v1_dot_training__pb2.TrainingEvent.SerializeToString,
+            ),
+            'GetArtifact': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetArtifact,
+                    request_deserializer=oneseek_dot_training_dot_v1_dot_training__pb2.GetArtifactRequest.FromString,
+                    response_serializer=oneseek_dot_training_dot_v1_dot_training__pb2.Artifact.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -351,6 +369,33 @@ class TrainingService:
             '/oneseek.training.v1.TrainingService/StreamEvents',
             oneseek_dot_training_dot_v1_dot_training__pb2.StreamEventsRequest.SerializeToString,
             oneseek_dot_training_dot_v1_dot_training__pb2.TrainingEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetArtifact(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/oneseek.training.v1.TrainingService/GetArtifact',
+            oneseek_dot_training_dot_v1_dot_training__pb2.GetArtifactRequest.SerializeToString,
+            oneseek_dot_training_dot_v1_dot_training__pb2.Artifact.FromString,
             options,
             channel_credentials,
             insecure,

@@ -50,6 +50,10 @@ class TrainingServiceStub:
     """One run's events with seq > after_seq (replayed from its event log), then live."""
     StreamEvents: _grpc.UnaryStreamMultiCallable[_training_pb2.StreamEventsRequest, _training_pb2.TrainingEvent]
     """Every run's events with cursor > after_cursor, then live. The metrics service follows this."""
+    GetArtifact: _grpc.UnaryUnaryMultiCallable[_training_pb2.GetArtifactRequest, _training_pb2.Artifact]
+    """One JSON file of a run folder (live_metrics.json, training_results.json,
+    oneseek_dna.json, ledger_proof.json), so clients never need the service's disk.
+    """
 
 @_typing.type_check_only
 class TrainingServiceAsyncStub(TrainingServiceStub):
@@ -67,6 +71,10 @@ class TrainingServiceAsyncStub(TrainingServiceStub):
     """One run's events with seq > after_seq (replayed from its event log), then live."""
     StreamEvents: _aio.UnaryStreamMultiCallable[_training_pb2.StreamEventsRequest, _training_pb2.TrainingEvent]  # type: ignore[assignment]
     """Every run's events with cursor > after_cursor, then live. The metrics service follows this."""
+    GetArtifact: _aio.UnaryUnaryMultiCallable[_training_pb2.GetArtifactRequest, _training_pb2.Artifact]  # type: ignore[assignment]
+    """One JSON file of a run folder (live_metrics.json, training_results.json,
+    oneseek_dna.json, ledger_proof.json), so clients never need the service's disk.
+    """
 
 class TrainingServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -123,5 +131,15 @@ class TrainingServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_training_pb2.TrainingEvent], _abc.AsyncIterator[_training_pb2.TrainingEvent]]:
         """Every run's events with cursor > after_cursor, then live. The metrics service follows this."""
+
+    @_abc_1.abstractmethod
+    def GetArtifact(
+        self,
+        request: _training_pb2.GetArtifactRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_training_pb2.Artifact, _abc.Awaitable[_training_pb2.Artifact]]:
+        """One JSON file of a run folder (live_metrics.json, training_results.json,
+        oneseek_dna.json, ledger_proof.json), so clients never need the service's disk.
+        """
 
 def add_TrainingServiceServicer_to_server(servicer: TrainingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
