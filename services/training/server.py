@@ -31,8 +31,8 @@ from services.api.runtime import (
     training_addr,
 )
 from services.core.errors import InvalidInput, NotFound, OneSeekError
-from services.training.data import datasets_dir
-from services.training.models import models_dir
+from services.training.data import datasets_dir, list_datasets
+from services.training.models import discover_models, models_dir
 from services.training.service import Conflict, TooSlow, TrainingService, request_body
 
 log = logging.getLogger("oneseek.training.server")
@@ -113,6 +113,22 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         )
         return training_pb2.Artifact(
             run_id=request.run_id, name=request.name, content=content, sha256=digest
+        )
+
+    async def ListModels(
+        self, request: training_pb2.ListModelsRequest, context: aio.ServicerContext[Any, Any]
+    ) -> training_pb2.ListModelsResponse:
+        infos = await asyncio.to_thread(discover_models, self.service.models_root)
+        return training_pb2.ListModelsResponse(
+            models=[training_pb2.ModelInfo(**info.to_dict()) for info in infos]
+        )
+
+    async def ListDatasets(
+        self, request: training_pb2.ListDatasetsRequest, context: aio.ServicerContext[Any, Any]
+    ) -> training_pb2.ListDatasetsResponse:
+        infos = await asyncio.to_thread(list_datasets, self.service.datasets_root)
+        return training_pb2.ListDatasetsResponse(
+            datasets=[training_pb2.DatasetInfo(id=d.id, records=d.records) for d in infos]
         )
 
     async def WatchRun(

@@ -120,6 +120,14 @@ def test_health_and_reflection(service: ServiceProcess) -> None:
         assert hasattr(reply, "runs")
 
 
+def test_lists_models_and_datasets(stub: training_pb2_grpc.TrainingServiceStub) -> None:
+    models = stub.ListModels(training_pb2.ListModelsRequest(), timeout=10).models
+    assert {m.name for m in models} >= {"tiny-llama", "tiny-qwen2", "tiny-gpt2"}
+    assert all(m.parameter_count > 0 and m.architecture for m in models)
+    datasets = stub.ListDatasets(training_pb2.ListDatasetsRequest(), timeout=10).datasets
+    assert [(d.id, d.records) for d in datasets] == [("small", 60)]
+
+
 def test_a_run_streams_every_event_in_order_to_two_watchers(
     stub: training_pb2_grpc.TrainingServiceStub,
 ) -> None:

@@ -75,6 +75,16 @@ class TrainingServiceStub:
                 request_serializer=oneseek_dot_training_dot_v1_dot_training__pb2.GetArtifactRequest.SerializeToString,
                 response_deserializer=oneseek_dot_training_dot_v1_dot_training__pb2.Artifact.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/oneseek.training.v1.TrainingService/ListModels',
+                request_serializer=oneseek_dot_training_dot_v1_dot_training__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=oneseek_dot_training_dot_v1_dot_training__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
+        self.ListDatasets = channel.unary_unary(
+                '/oneseek.training.v1.TrainingService/ListDatasets',
+                request_serializer=oneseek_dot_training_dot_v1_dot_training__pb2.ListDatasetsRequest.SerializeToString,
+                response_deserializer=oneseek_dot_training_dot_v1_dot_training__pb2.ListDatasetsResponse.FromString,
+                _registered_method=True)
 
 
 class TrainingServiceServicer:
@@ -136,6 +146,19 @@ class TrainingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListModels(self, request, context):
+        """Base models found in MODELS_DIR and datasets in DATASETS_DIR (what a run may use).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDatasets(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -178,6 +201,16 @@ def add_TrainingServiceServicer_to_server(servicer, server):
                     servicer.GetArtifact,
                     request_deserializer=oneseek_dot_training_dot_v1_dot_training__pb2.GetArtifactRequest.FromString,
                     response_serializer=oneseek_dot_training_dot_v1_dot_training__pb2.Artifact.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=oneseek_dot_training_dot_v1_dot_training__pb2.ListModelsRequest.FromString,
+                    response_serializer=oneseek_dot_training_dot_v1_dot_training__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'ListDatasets': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDatasets,
+                    request_deserializer=oneseek_dot_training_dot_v1_dot_training__pb2.ListDatasetsRequest.FromString,
+                    response_serializer=oneseek_dot_training_dot_v1_dot_training__pb2.ListDatasetsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -396,6 +429,60 @@ class TrainingService:
             '/oneseek.training.v1.TrainingService/GetArtifact',
             oneseek_dot_training_dot_v1_dot_training__pb2.GetArtifactRequest.SerializeToString,
             oneseek_dot_training_dot_v1_dot_training__pb2.Artifact.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/oneseek.training.v1.TrainingService/ListModels',
+            oneseek_dot_training_dot_v1_dot_training__pb2.ListModelsRequest.SerializeToString,
+            oneseek_dot_training_dot_v1_dot_training__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDatasets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/oneseek.training.v1.TrainingService/ListDatasets',
+            oneseek_dot_training_dot_v1_dot_training__pb2.ListDatasetsRequest.SerializeToString,
+            oneseek_dot_training_dot_v1_dot_training__pb2.ListDatasetsResponse.FromString,
             options,
             channel_credentials,
             insecure,

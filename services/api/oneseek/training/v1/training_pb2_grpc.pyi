@@ -54,6 +54,9 @@ class TrainingServiceStub:
     """One JSON file of a run folder (live_metrics.json, training_results.json,
     oneseek_dna.json, ledger_proof.json), so clients never need the service's disk.
     """
+    ListModels: _grpc.UnaryUnaryMultiCallable[_training_pb2.ListModelsRequest, _training_pb2.ListModelsResponse]
+    """Base models found in MODELS_DIR and datasets in DATASETS_DIR (what a run may use)."""
+    ListDatasets: _grpc.UnaryUnaryMultiCallable[_training_pb2.ListDatasetsRequest, _training_pb2.ListDatasetsResponse]
 
 @_typing.type_check_only
 class TrainingServiceAsyncStub(TrainingServiceStub):
@@ -75,6 +78,9 @@ class TrainingServiceAsyncStub(TrainingServiceStub):
     """One JSON file of a run folder (live_metrics.json, training_results.json,
     oneseek_dna.json, ledger_proof.json), so clients never need the service's disk.
     """
+    ListModels: _aio.UnaryUnaryMultiCallable[_training_pb2.ListModelsRequest, _training_pb2.ListModelsResponse]  # type: ignore[assignment]
+    """Base models found in MODELS_DIR and datasets in DATASETS_DIR (what a run may use)."""
+    ListDatasets: _aio.UnaryUnaryMultiCallable[_training_pb2.ListDatasetsRequest, _training_pb2.ListDatasetsResponse]  # type: ignore[assignment]
 
 class TrainingServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -141,5 +147,20 @@ class TrainingServiceServicer(metaclass=_abc_1.ABCMeta):
         """One JSON file of a run folder (live_metrics.json, training_results.json,
         oneseek_dna.json, ledger_proof.json), so clients never need the service's disk.
         """
+
+    @_abc_1.abstractmethod
+    def ListModels(
+        self,
+        request: _training_pb2.ListModelsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_training_pb2.ListModelsResponse, _abc.Awaitable[_training_pb2.ListModelsResponse]]:
+        """Base models found in MODELS_DIR and datasets in DATASETS_DIR (what a run may use)."""
+
+    @_abc_1.abstractmethod
+    def ListDatasets(
+        self,
+        request: _training_pb2.ListDatasetsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_training_pb2.ListDatasetsResponse, _abc.Awaitable[_training_pb2.ListDatasetsResponse]]: ...
 
 def add_TrainingServiceServicer_to_server(servicer: TrainingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

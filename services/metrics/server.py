@@ -1,0 +1,303 @@
+"""The metrics service's gRPC server (`oneseek metrics-service`): the MetricsService servicer,
+its start and graceful stop, and the command line.
+
+Shutdown (SIGTERM or SIGINT): health turns NOT_SERVING, the follower is cancelled, open
+Subscribe streams end cleanly (clients resume with after_seq elsewhere or later), in-flight
+calls get 5 s to finish, then the store is closed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from services.api import metrics_pb2, metrics_pb2_grpc, training_pb2
+from services.api.codec import now_timestamp, run_status_name
+from services.api.runtime import (
+    SERVER_OPTIONS,
+    TokenAuthInterceptor,
+    add_health_and_reflection,
+    admin_token,
+    metrics_addr,
+    report_token,
+    set_not_serving,
+    training_addr,
+)
+from services.core.errors import InvalidInput, NotFound, OneSeekError
+from services.core.training_config import validate_run_id
+from services.metrics.catalog import PAGE_SIZE, RunCatalog
+from services.metrics.fanout import DEFAULT_QUEUE_SIZE, EventFanout, SubscriberTooSlow
+from services.metrics.follower import TrainingFollower
+from services.metrics.reports import EpochAlreadyReported, ReportRefused
+from services.metrics.store import MetricsStore, default_db_url, open_store
+from services.metrics.views import RunState
+
+log = logging.getLogger("oneseek.metrics")
+
+SERVICE_NAME = metrics_pb2.DESCRIPTOR.services_by_name["MetricsService"].full_name
+REPORT_METHOD = f"/{SERVICE_NAME}/ReportMetrics"
+SHUTDOWN_GRACE_SECONDS = 5.0
+Context = aio.ServicerContext[Any, Any]
+
+
+def _status_code(error: OneSeekError) -> grpc.StatusCode:
+    if isinstance(error, EpochAlreadyReported):
+        return grpc.StatusCode.ALREADY_EXISTS
+    if isinstance(error, ReportRefused):
+        return grpc.StatusCode.FAILED_PRECONDITION
+    if isinstance(error, NotFound):
+        return grpc.StatusCode.NOT_FOUND
+    if isinstance(error, InvalidInput):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    return grpc.StatusCode.INTERNAL
+
+
+class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
+    """Answers from the catalog's in-memory run states; writes go through the catalog."""
+
+    def __init__(self, catalog: RunCatalog) -> None:
+        self.catalog = catalog
+
+    async def _run_state(self, run_id: str, context: Context) -> RunState:
+        try:
+            validate_run_id(run_id)
+        except InvalidInput as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error.message)
+        state = await self.catalog.state(run_id)
+        if state is None:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"Run {run_id!r} is not known to the metrics service; list runs with "
+                "ListRuns (GET /api/training/runs).",
+            )
+        return state
+
+    async def GetMetrics(
+        self, request: metrics_pb2.GetMetricsRequest, context: Context
+    ) -> training_pb2.RunMetrics:
+        return (await self._run_state(request.run_id, context)).metrics()
+
+    async def GetLeaderboard(
+        self, request: metrics_pb2.GetLeaderboardRequest, context: Context
+    ) -> metrics_pb2.Leaderboard:
+        return (await self._run_state(request.run_id, context)).leaderboard()
+
+    async def ListRuns(
+        self, request: metrics_pb2.ListRunsRequest, context: Context
+    ) -> metrics_pb2.ListRunsResponse:
+        if request.limit < 0:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"limit must be 0 (all runs) or more, got {request.limit}.",
+            )
+        status = run_status_name(request.status) if request.status else None
+        if request.status and status is None:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"status {request.status} is not a RunStatus; use RUN_STATUS_UNSPECIFIED (0) "
+                "for all runs.",
+            )
+        records = await self.catalog.list_runs(status, request.limit)
+        return metrics_pb2.ListRunsResponse(runs=[record.summary() for record in records])
+
+    async def ReportMetrics(
+        self, request: metrics_pb2.ReportMetricsRequest, context: Context
+    ) -> metrics_pb2.ReportMetricsResponse:
+        try:
+            seq = await self.catalog.report(request)
+        except OneSeekError as error:
+            log.info(
+                "report refused run_id=%s epoch=%d reason=%s",
+                request.run_id[:64],
+                request.epoch,
+                error.message,
+            )
+            await context.abort(_status_code(error), error.message)
+        return metrics_pb2.ReportMetricsResponse(success=True, seq=seq)
+
+    async def Subscribe(
+        self, request: metrics_pb2.SubscribeRequest, context: Context
+    ) -> AsyncIterator[training_pb2.TrainingEvent]:
+        run_id, last = request.run_id, request.after_seq
+        if last < 0:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"after_seq must be 0 (from the start) or the last seq received, got {last}.",
+            )
+        state = await self._run_state(run_id, context)
+        # registered before anything is read, and the snapshot taken with no await in between:
+        # every event after the snapshot's seq is either in the store or in the queue
+        with self.catalog.fanout.subscribe(run_id) as live:
+            yield state.initial_state(now_timestamp())
+            while not live.dropped and not live.closed:
+                page = await self.catalog.events_after(run_id, last)
+                for event in page:
+                    yield event
+                    last = event.seq
+                if len(page) < PAGE_SIZE:
+                    break
+            try:
+                while (update := await live.next()) is not None:
+                    if update.seq > last:  # an older one was already sent from the store
+                        yield update
+                        last = update.seq
+            except SubscriberTooSlow:
+                await context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"Client too slow: more than {self.catalog.fanout.queue_size} events were "
+                    f"waiting. Reconnect with after_seq={last} (the last seq received).",
+                )
+
+
+class MetricsServer:
+    """The server and everything it owns: store, catalog, fan-out, follower task, health."""
+
+    def __init__(
+        self,
+        addr: str,
+        training_addr: str,
+        db_url: str,
+        *,
+        queue_size: int = DEFAULT_QUEUE_SIZE,
+        follow: bool = True,
+    ) -> None:
+        self.addr = addr
+        self.training_addr = training_addr
+        self.db_url = db_url
+        self.queue_size = queue_size
+        self.follow = follow
+        self.port = 0
+        self.store: MetricsStore | None = None
+        self.catalog: RunCatalog | None = None
+        self.follower: TrainingFollower | None = None
+        self._server: aio.Server | None = None
+        self._health: Any = None
+        self._follow_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> int:
+        """Opens the store, binds, starts serving and following; returns the bound port."""
+        self.store = await open_store(self.db_url)
+        try:
+            fanout = EventFanout(self.queue_size)
+            self.catalog = RunCatalog(self.store, fanout)
+            self.follower = TrainingFollower(self.training_addr, self.catalog)
+            # unknown run ids are looked up on the training service through the same channel
+            self.catalog.lookup = self.follower.lookup_run
+            await self.catalog.load()
+            interceptor = TokenAuthInterceptor(
+                {REPORT_METHOD: lambda: [admin_token(), report_token()]}
+            )
+            self._server = aio.server(interceptors=[interceptor], options=SERVER_OPTIONS)
+            metrics_pb2_grpc.add_MetricsServiceServicer_to_server(
+                MetricsServicer(self.catalog), self._server
+            )
+            self._health = await add_health_and_reflection(self._server, [SERVICE_NAME])
+            self.port = self._server.add_insecure_port(self.addr)
+            await self._server.start()
+        except BaseException:
+            await self.stop()
+            raise
+        if self.follow:
+            self._follow_task = asyncio.create_task(self.follower.run(), name="metrics-follower")
+        log.info(
+            "metrics service listening addr=%s port=%d training_addr=%s",
+            self.addr,
+            self.port,
+            self.training_addr,
+        )
+        return self.port
+
+    async def stop(self, grace: float = SHUTDOWN_GRACE_SECONDS) -> None:
+        if self._health is not None:
+            await set_not_serving(self._health, [SERVICE_NAME])
+        if self._follow_task is not None:
+            self._follow_task.cancel()
+            await asyncio.gather(self._follow_task, return_exceptions=True)
+            self._follow_task = None
+        if self.catalog is not None:
+            self.catalog.fanout.close()
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None
+        if self.follower is not None:
+            await self.follower.close()
+            self.follower = None
+        if self.store is not None:
+            await self.store.close()
+            self.store = None
+        log.info("metrics service stopped addr=%s", self.addr)
+
+
+async def serve(addr: str, training_addr: str, db_url: str) -> None:
+    """Runs the metrics service until SIGTERM or SIGINT, then stops it gracefully."""
+    server = MetricsServer(addr, training_addr, db_url)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await server.start()
+        await stop.wait()
+        log.info("shutting down on signal")
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await server.stop()
+
+
+# ---- command line ---------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--addr",
+        default=None,
+        help="host:port to listen on (default: $ONESEEK_METRICS_ADDR or 127.0.0.1:50052)",
+    )
+    parser.add_argument(
+        "--training-addr",
+        default=None,
+        help="the training service to follow (default: $ONESEEK_TRAINING_ADDR or 127.0.0.1:50051)",
+    )
+    parser.add_argument(
+        "--db-url",
+        default=None,
+        help="sqlite:///path or a file path (default: $ONESEEK_DB_URL or sqlite:///var/metrics.db)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+        )
+    try:
+        asyncio.run(
+            serve(
+                args.addr or metrics_addr(),
+                args.training_addr or training_addr(),
+                args.db_url or default_db_url(),
+            )
+        )
+    except InvalidInput as error:
+        print(f"error: {error.message}")
+        return 2
+    except RuntimeError as error:  # grpc reports a port it cannot bind this way
+        print(f"error: the metrics service could not start: {error}")
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="oneseek metrics-service", description="Run the OneSeek metrics service."
+    )
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
