@@ -7,11 +7,12 @@ stderr naming the problem and exit status 2; a run that fails exits 1.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -126,17 +127,18 @@ def cmd_train(args: argparse.Namespace) -> int:
             stop=stop,
             on_step=display.on_step,
         )
-        with folder.worker_lock(), display:
-            outcome = trainer.run()
-    except OneSeekError as exc:
-        return _error(str(exc))
+        with folder.worker_lock():
+            try:
+                trainer.prepare()
+            except OneSeekError as exc:
+                # a model folder that fails to load is bad input too: nothing was trained,
+                # so no half-made run folder stays behind
+                folder.discard()
+                return _error(_as_flag(exc))
+            with display:
+                outcome = trainer.run()
     finally:
         signal.signal(signal.SIGINT, previous)
-    if outcome.bad_input:
-        # a broken model folder is bad input, found only once loading began: nothing was
-        # trained, so no half-made run folder stays behind
-        folder.discard()
-        return _error(outcome.error or "bad input")
     print(f"{outcome.run_id} {outcome.run_dir}")
     return EXIT_FAILED if outcome.status == training_pb2.RUN_STATUS_FAILED else EXIT_OK
 
@@ -173,29 +175,11 @@ def cmd_demo_assets(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_up(args: argparse.Namespace) -> int:
-    """Until the services land, `up` prepares the demo assets and shows a live demo run."""
-    from services.training.demo_assets import DEMO_MODELS, create_demo_assets
-    from services.training.models import discover_models
+def _lazy(module: str) -> Callable[[argparse.Namespace], int]:
+    def call(args: argparse.Namespace) -> int:
+        return int(importlib.import_module(module).run(args))
 
-    models_root, datasets_root = _models_root(args), _datasets_root(args)
-    if not discover_models(models_root):
-        create_demo_assets(models_root, datasets_root)
-    print(
-        "The gRPC services and the gateway are not part of this build yet; "
-        "running a demo training in the terminal instead.",
-        file=sys.stderr,
-    )
-    demo = argparse.Namespace(
-        **{attr: None for attr in _TRAIN_FLAGS},
-        models=",".join(DEMO_MODELS[:2]),
-        dataset="sample",
-        quiet=False,
-        models_dir=args.models_dir,
-        datasets_dir=args.datasets_dir,
-    )
-    demo.epochs = 4
-    return cmd_train(demo)
+    return call
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -226,15 +210,25 @@ def build_parser() -> argparse.ArgumentParser:
     common(demo)
     demo.set_defaults(func=cmd_demo_assets)
 
-    from services.training import server as training_server
-
+    # Service flags are declared here, not in the service modules: building this parser must
+    # not import torch or aiohttp (`oneseek verify` and `--help` stay instant).
     training = sub.add_parser("training-service", help="serve TrainingService over gRPC")
-    training_server.add_arguments(training)
-    training.set_defaults(func=training_server.run)
+    training.add_argument("--addr", help="listen address (default $ONESEEK_TRAINING_ADDR)")
+    common(training)
+    training.add_argument("--max-active-runs", type=int, help="concurrent runs (default 1)")
+    training.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=30.0,
+        help="seconds active runs get to stop cleanly on SIGTERM",
+    )
+    training.set_defaults(func=_lazy("services.training.server"))
 
     up = sub.add_parser("up", help="start the whole suite for local use")
+    up.add_argument("--host", help="gateway host (default $ONESEEK_GATEWAY_HOST or 127.0.0.1)")
+    up.add_argument("--port", type=int, help="gateway port (default $ONESEEK_GATEWAY_PORT or 3001)")
     common(up)
-    up.set_defaults(func=cmd_up)
+    up.set_defaults(func=_lazy("services.up"))
     return parser
 
 

@@ -120,3 +120,21 @@ def test_base_models_env_is_read_only_without_the_flag(
     assert main(["train", "--models", "from-flag", "--dataset", "small"]) == 2
     err = capsys.readouterr().err
     assert "from-flag" in err and "from-env" not in err
+
+
+def test_a_model_that_fails_to_load_is_bad_input_and_leaves_no_folder(
+    env: IsolatedEnv, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Discovery accepts the folder (config, weights, tokenizer all there); loading fails."""
+    broken = env.models_dir / "tiny-wrong-shape"
+    broken.mkdir()
+    source = env.models_dir / "tiny-llama"
+    for item in source.iterdir():
+        (broken / item.name).write_bytes(item.read_bytes())
+    config = json.loads((broken / "config.json").read_text())
+    config["hidden_size"] *= 2  # the stored weights no longer fit
+    (broken / "config.json").write_text(json.dumps(config))
+    assert main(["train", "--models", "tiny-wrong-shape", "--dataset", "small"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "tiny-wrong-shape" in err and "\n" not in err
+    assert certified(env) == []

@@ -203,12 +203,25 @@ def load_model(info: BaseModelInfo, device: torch.device) -> PreTrainedModel:
 
     try:
         with quiet_progress():
-            model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
-                info.path, local_files_only=True, dtype=torch.float32
+            loaded: Any = AutoModelForCausalLM.from_pretrained(
+                info.path, local_files_only=True, dtype=torch.float32, output_loading_info=True
             )
     except torch.cuda.OutOfMemoryError:
         raise  # not a broken model: the person needs a smaller one or a bigger device
     except Exception as error:  # a broken checkpoint fails in many ways, all the person's to fix
+        if "ignore_mismatched_sizes" in str(error):  # its "see the report above" is not shown
+            error = ValueError("the shapes of its weights do not fit its config.json")
         raise _unloadable(info, error) from error
+    model, loading = loaded
+    # transformers re-initialises weights that are missing or do not fit the config and only
+    # logs it: training such a model would silently start from random weights
+    for kind in ("missing_keys", "mismatched_keys", "error_msgs"):
+        problems = sorted(str(p) for p in loading.get(kind) or ())
+        if problems:
+            shown = ", ".join(problems[:3]) + (
+                f" and {len(problems) - 3} more" if len(problems) > 3 else ""
+            )
+            reason = f"its weights do not match its config.json ({kind.replace('_', ' ')}: {shown})"
+            raise _unloadable(info, ValueError(reason))
     # transformers' typing of `.to` rejects a torch.device it accepts at run time
     return model.to(device)  # type: ignore[arg-type, no-any-return]

@@ -31,7 +31,7 @@ from services.core.adaptive_weights import (
     population_loss,
 )
 from services.core.auto_stop import AutoStopState, auto_stop_step
-from services.core.errors import InvalidInput, NotFound, OneSeekError
+from services.core.errors import OneSeekError
 from services.core.training_config import RunConfig
 from services.training.data import (
     Batch,
@@ -91,8 +91,6 @@ class RunOutcome:
     duration_seconds: float
     history: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
-    bad_input: bool = False
-    """The failure is bad input found while loading (a broken model folder): nothing trained."""
 
     @property
     def status_name(self) -> str:
@@ -254,7 +252,8 @@ class PopulationTrainer:
         started = time.monotonic()
         self.folder.started()
         try:
-            self.prepare()
+            if not self.slots:  # a caller may prepare first, to report bad input up front
+                self.prepare()
             status = self._train()
             return self._finish(status, started)
         except Exception as exc:
@@ -536,5 +535,4 @@ class PopulationTrainer:
             duration_seconds=duration,
             history=self.history,
             error=message,
-            bad_input=isinstance(exc, (InvalidInput, NotFound)) and not self.history,
         )

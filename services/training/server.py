@@ -201,19 +201,6 @@ async def serve(
         log.info("training service stopped")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--addr", help="listen address (default $ONESEEK_TRAINING_ADDR)")
-    parser.add_argument("--models-dir", help="base models (default $MODELS_DIR or models)")
-    parser.add_argument("--datasets-dir", help="datasets (default $DATASETS_DIR or datasets)")
-    parser.add_argument("--max-active-runs", type=int, help="concurrent runs (default 1)")
-    parser.add_argument(
-        "--shutdown-grace",
-        type=float,
-        default=30.0,
-        help="seconds active runs get to stop cleanly on SIGTERM",
-    )
-
-
 def run(args: argparse.Namespace) -> int:
     configure_logging("training-service")
     state = Path(os.environ.get("ONESEEK_STATE_DIR") or "var")
