@@ -224,6 +224,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     training.set_defaults(func=_lazy("services.training.server"))
 
+    metrics = sub.add_parser("metrics-service", help="serve MetricsService over gRPC")
+    metrics.add_argument("--addr", help="listen address (default $ONESEEK_METRICS_ADDR)")
+    metrics.add_argument(
+        "--training-addr", help="training service to follow (default $ONESEEK_TRAINING_ADDR)"
+    )
+    metrics.add_argument(
+        "--db-url", help="sqlite:///path (default $ONESEEK_DB_URL or sqlite:///var/metrics.db)"
+    )
+    metrics.set_defaults(func=_lazy("services.metrics.server"))
+
     up = sub.add_parser("up", help="start the whole suite for local use")
     up.add_argument("--host", help="gateway host (default $ONESEEK_GATEWAY_HOST or 127.0.0.1)")
     up.add_argument("--port", type=int, help="gateway port (default $ONESEEK_GATEWAY_PORT or 3001)")

@@ -10,7 +10,6 @@ without a terminal event is reported `interrupted`, never `running` forever.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import logging
@@ -575,11 +574,10 @@ class TrainingService:
                 worker.kill()
                 await asyncio.to_thread(worker.join, 5.0)
         await asyncio.sleep(0)  # let the exit callbacks run
-        for task in list(self._tasks):
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await asyncio.gather(*tasks, return_exceptions=True)
         self.journal.close()
 
 

@@ -291,7 +291,12 @@ async def test_a_slow_subscriber_is_dropped_while_a_fast_one_gets_everything(
     try:
         await service.catalog.register([record_from_run(run_message())])
         request = metrics_pb2.SubscribeRequest(run_id=RUN_ID)
-        slow = service.stub.Subscribe(request)
+        # two clients, two connections; the slow one buffers little (no BDP window growth)
+        slow_channel = aio.insecure_channel(
+            f"127.0.0.1:{service.server.port}",
+            options=[("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 16384)],
+        )
+        slow = metrics_pb2_grpc.MetricsServiceStub(slow_channel).Subscribe(request)
         fast = service.stub.Subscribe(request)
         assert (await slow.read()).seq == 0 and (await fast.read()).seq == 0
         total = 1500
@@ -306,12 +311,23 @@ async def test_a_slow_subscriber_is_dropped_while_a_fast_one_gets_everything(
                 event.epoch_end.val_losses.update(wide)
                 batch.append(event)
             await service.catalog.commit(batch)
+            await asyncio.sleep(0.002)  # ~5,000 events/s: far above a real run's rate
         got = await asyncio.wait_for(fast_got, 30)
         assert [e.seq for e in got] == list(range(1, total + 1))
-        error = await rpc_error(take(slow, total))
+        received: list[training_pb2.TrainingEvent] = []
+        with pytest.raises(aio.AioRpcError) as caught:
+            while (event := await slow.read()) is not aio.EOF:
+                received.append(event)
+        error = caught.value
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "client too slow" in (error.details() or "").lower()
-        assert "reconnect with after_seq=" in (error.details() or "")
+        # what it got is a gapless prefix, and the error says where to resume
+        assert [e.seq for e in received] == list(range(1, len(received) + 1))
+        assert len(received) < total
+        assert error.details() == (
+            "Client too slow: more than 32 events were waiting. "
+            f"Reconnect with after_seq={len(received)} (the last seq received)."
+        )
+        await slow_channel.close()
     finally:
         await service.channel.close()
         await service.server.stop(grace=1)
