@@ -234,6 +234,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     metrics.set_defaults(func=_lazy("services.metrics.server"))
 
+    gateway = sub.add_parser("gateway", help="serve the REST routes, websocket and admin page")
+    gateway.add_argument("--host", help="listen host (default $ONESEEK_GATEWAY_HOST or 127.0.0.1)")
+    gateway.add_argument("--port", type=int, help="port (default $ONESEEK_GATEWAY_PORT or 3001)")
+    gateway.add_argument(
+        "--training-addr", help="training service (default $ONESEEK_TRAINING_ADDR)"
+    )
+    gateway.add_argument("--metrics-addr", help="metrics service (default $ONESEEK_METRICS_ADDR)")
+    gateway.set_defaults(func=_lazy("gateway.cli"))
+
     up = sub.add_parser("up", help="start the whole suite for local use")
     up.add_argument("--host", help="gateway host (default $ONESEEK_GATEWAY_HOST or 127.0.0.1)")
     up.add_argument("--port", type=int, help="gateway port (default $ONESEEK_GATEWAY_PORT or 3001)")

@@ -69,14 +69,18 @@ class RunCatalog:
         cached = self._states.get(run_id)
         if cached is not None:
             return cached
+        # no lock for an unknown id: made-up ids must not leave anything behind
+        if run_id not in self._sources and not await self._discover(run_id):
+            return None
         async with self._lock(run_id):
-            return await self._load(run_id, discover=True)
+            return await self._load(run_id)
 
-    async def _load(self, run_id: str, *, discover: bool) -> RunState | None:
+    async def _load(self, run_id: str) -> RunState | None:
+        """Folds the run's stored events into its state and caches it (lock held)."""
         cached = self._states.get(run_id)
         if cached is not None:
             return cached
-        if run_id not in self._sources and not (discover and await self._discover(run_id)):
+        if run_id not in self._sources:
             return None
         record = await self.store.run(run_id)
         if record is None:
@@ -174,7 +178,7 @@ class RunCatalog:
         run_id = request.run_id
         self._refuse_training_run(run_id)
         async with self._lock(run_id):
-            state = await self._load(run_id, discover=False)
+            state = await self._load(run_id)
             new_runs: list[RunRecord] = []
             if state is None:
                 # asked once per new id: a run the training service owns must not be shadowed
@@ -197,7 +201,14 @@ class RunCatalog:
             plan = plan_report(state, request, now_timestamp())
             if not plan.events:
                 return plan.seq
-            await self.store.append_events(plan.events, runs=new_runs)
+            stored = await self.store.append_events(plan.events, runs=new_runs)
+            if len(stored) != len(plan.events):
+                # another process writes to the same database: this state is stale
+                self._states.pop(run_id, None)
+                raise ReportRefused(
+                    f"Run {run_id} was changed by another writer while this report was stored; "
+                    "send the report again."
+                )
             if new_runs:
                 self._sources[run_id] = SOURCE_EXTERNAL
                 self._states[run_id] = state

@@ -72,7 +72,8 @@ class TrainingFollower:
                 metadata=bearer(admin_token()),
             )
         except aio.AioRpcError as error:
-            if error.code() != grpc.StatusCode.NOT_FOUND:
+            # NOT_FOUND is an answer; UNAVAILABLE is already logged by the stream
+            if error.code() not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE):
                 log.warning(
                     "GetRun failed run_id=%s code=%s details=%s",
                     run_id,
@@ -87,17 +88,24 @@ class TrainingFollower:
         """Follows the stream forever: reconnects with exponential backoff (reset by every
         message received). Only cancellation ends it."""
         self.cursor = await self.catalog.cursor()
+        failures = 0
         while True:
             try:
                 await self._follow_once()
                 log.info("training stream ended addr=%s cursor=%d", self.training_addr, self.cursor)
             except aio.AioRpcError as error:
-                log.warning(
-                    "training stream lost addr=%s cursor=%d code=%s details=%s retry_in=%.1fs",
+                failures = 1 if self._delay == self.backoff_initial else failures + 1
+                # the first failure and then one in ten: a service that is down for an hour
+                # should not fill the log
+                log.log(
+                    logging.WARNING if failures % 10 == 1 else logging.DEBUG,
+                    "training stream lost addr=%s cursor=%d code=%s details=%s attempt=%d "
+                    "retry_in=%.1fs",
                     self.training_addr,
                     self.cursor,
                     error.code().name,
                     error.details(),
+                    failures,
                     self._delay,
                 )
             except Exception:
@@ -175,7 +183,7 @@ class TrainingFollower:
                     return batch, None
                 try:
                     item = await asyncio.wait_for(inbox.get(), remaining)
-                except TimeoutError:
+                except asyncio.TimeoutError:  # not the builtin one before Python 3.11
                     return batch, None
         return batch, item
 

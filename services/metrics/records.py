@@ -5,7 +5,7 @@ shows; plus the rule by which each event moves that summary (shared by the store
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from services.api import metrics_pb2, training_pb2
@@ -21,7 +21,6 @@ SOURCE_TRAINING = "training"
 """The run belongs to the training service; its events arrive through StreamEvents."""
 SOURCE_EXTERNAL = "external"
 """An outside training process reports the run's epochs through ReportMetrics."""
-SOURCES = (SOURCE_TRAINING, SOURCE_EXTERNAL)
 
 RUNNING = "running"
 TERMINAL_STATUSES = frozenset({"completed", "auto_stopped", "stopped", "failed", "interrupted"})
@@ -82,13 +81,6 @@ class RunRecord:
         if self.updated_at:
             summary.updated_at.CopyFrom(parse_timestamp(self.updated_at))
         return summary
-
-    def with_changes(self, event: training_pb2.TrainingEvent) -> RunRecord:
-        """This record after `event` (the same rule the store applies in SQL)."""
-        changes = summary_changes(event)
-        changes["last_seq"] = max(self.last_seq, event.seq)
-        changes["updated_at"] = max(self.updated_at, format_timestamp(event.timestamp))
-        return replace(self, **changes)
 
 
 def _status_value(name: str) -> training_pb2.RunStatus.ValueType:

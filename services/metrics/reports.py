@@ -14,6 +14,7 @@ Pure: no I/O, no clock.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -66,7 +67,7 @@ def check_report(request: metrics_pb2.ReportMetricsRequest) -> None:
         )
     for name, loss in request.val_losses.items():
         validate_model_name(name, "val_losses")
-        finite_number(loss, "val_losses", subject=f"val_losses[{name!r}]")
+        _finite(loss, "val_losses", name)
     for map_name in _MAPS:
         values: Mapping[str, float] = getattr(request, map_name)
         for name, value in values.items():
@@ -76,17 +77,24 @@ def check_report(request: metrics_pb2.ReportMetricsRequest) -> None:
                     "report a model's validation loss with its other values.",
                     field=map_name,
                 )
-            subject = f"{map_name}[{name!r}]"
-            if map_name == "train_losses":
-                finite_number(value, map_name, subject=subject)
-            else:  # a multiplier or a learning rate of 0 or less would stop or reverse training
-                finite_number(value, map_name, low=0, low_inclusive=False, subject=subject)
+            # a multiplier or a learning rate of 0 or less would stop or reverse training
+            _finite(value, map_name, name, positive=map_name != "train_losses")
     if request.HasField("total_loss"):
         finite_number(request.total_loss, "total_loss")
     if request.HasField("progress_percent"):
         finite_number(request.progress_percent, "progress_percent", low=0, high=100)
     if request.HasField("auto_stop_info"):
         _check_auto_stop(request.auto_stop_info)
+
+
+def _finite(value: float, field: str, model: str, *, positive: bool = False) -> None:
+    # the common case checked inline: this runs for every value of every report
+    if math.isfinite(value) and (value > 0 or not positive):
+        return
+    subject = f"{field}[{model!r}]"
+    if positive:
+        finite_number(value, field, low=0, low_inclusive=False, subject=subject)
+    finite_number(value, field, subject=subject)
 
 
 def _check_auto_stop(info: training_pb2.AutoStopInfo) -> None:

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import logging
 import signal
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -287,10 +288,10 @@ def run(args: argparse.Namespace) -> int:
             )
         )
     except InvalidInput as error:
-        print(f"error: {error.message}")
+        print(f"error: {error.message}", file=sys.stderr)
         return 2
     except RuntimeError as error:  # grpc reports a port it cannot bind this way
-        print(f"error: the metrics service could not start: {error}")
+        print(f"error: the metrics service could not start: {error}", file=sys.stderr)
         return 1
     return 0
 
@@ -301,3 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_arguments(parser)
     return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -47,7 +47,9 @@ def run_config(
     )
 
 
-def run_message(run_id: str = RUN_ID, config: training_pb2.RunConfig | None = None) -> training_pb2.Run:
+def run_message(
+    run_id: str = RUN_ID, config: training_pb2.RunConfig | None = None
+) -> training_pb2.Run:
     config = config or run_config()
     run = training_pb2.Run(
         run_id=run_id,

@@ -13,7 +13,7 @@ RUN = "run-20260131-142500"
 
 
 def event(seq: int, run_id: str = RUN) -> training_pb2.TrainingEvent:
-    return training_pb2.TrainingEvent(run_id=run_id, seq=seq, heartbeat={})
+    return training_pb2.TrainingEvent(run_id=run_id, seq=seq, heartbeat=training_pb2.Heartbeat())
 
 
 async def test_a_full_queue_drops_only_its_subscriber() -> None:

@@ -121,7 +121,9 @@ def test_a_different_report_of_a_reported_epoch_is_refused() -> None:
 def test_the_last_epoch_completes_the_run() -> None:
     state = RunState(RUN, total_epochs=2)
     apply_plan(state, report(total_epochs=2))
-    plan = plan_report(state, report(epoch=2, total_epochs=2, val_losses={"a": 1.5, "b": 1.2}), now_timestamp())
+    plan = plan_report(
+        state, report(epoch=2, total_epochs=2, val_losses={"a": 1.5, "b": 1.2}), now_timestamp()
+    )
     assert [e.WhichOneof("payload") for e in plan.events] == ["epoch_end", "training_complete"]
     assert [e.seq for e in plan.events] == [2, 3] and plan.seq == 2
     done = plan.events[1].training_complete

@@ -8,6 +8,11 @@ hands them over (tests/metrics/test_follower.py covers the follower itself).
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +21,7 @@ from typing import Any
 import grpc
 import pytest
 from grpc import aio
+from grpc.aio import EOF  # type: ignore[attr-defined]
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -24,7 +30,7 @@ from services.api.codec import message_to_dict
 from services.api.runtime import bearer
 from services.metrics.catalog import RunCatalog
 from services.metrics.records import record_from_run
-from services.metrics.server import SERVICE_NAME, MetricsServer
+from services.metrics.server import SERVICE_NAME, MetricsServer, main
 from tests.metrics.sample_run import RUN_ID, run_events, run_message, three_epochs, with_cursors
 
 OUTSIDE = "run-20260201-090000"
@@ -62,7 +68,7 @@ async def service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncItera
     monkeypatch.delenv("ONESEEK_REPORT_TOKEN", raising=False)
     running = await start(tmp_path)
     yield running
-    await running.channel.close()
+    await running.channel.close(None)
     await running.server.stop(grace=1)
 
 
@@ -232,10 +238,10 @@ async def test_concurrent_reports_get_distinct_gapless_seqs(service: Service) ->
 
 
 async def take(call: Any, count: int) -> list[training_pb2.TrainingEvent]:
-    got = []
+    got: list[training_pb2.TrainingEvent] = []
     while len(got) < count:
         event = await call.read()
-        if event is aio.EOF:
+        if event is EOF:
             break
         got.append(event)
     return got
@@ -296,7 +302,7 @@ async def test_a_slow_subscriber_is_dropped_while_a_fast_one_gets_everything(
             f"127.0.0.1:{service.server.port}",
             options=[("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 16384)],
         )
-        slow = metrics_pb2_grpc.MetricsServiceStub(slow_channel).Subscribe(request)
+        slow: Any = metrics_pb2_grpc.MetricsServiceStub(slow_channel).Subscribe(request)
         fast = service.stub.Subscribe(request)
         assert (await slow.read()).seq == 0 and (await fast.read()).seq == 0
         total = 1500
@@ -316,8 +322,8 @@ async def test_a_slow_subscriber_is_dropped_while_a_fast_one_gets_everything(
         assert [e.seq for e in got] == list(range(1, total + 1))
         received: list[training_pb2.TrainingEvent] = []
         with pytest.raises(aio.AioRpcError) as caught:
-            while (event := await slow.read()) is not aio.EOF:
-                received.append(event)
+            while (item := await slow.read()) is not EOF:
+                received.append(item)
         error = caught.value
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         # what it got is a gapless prefix, and the error says where to resume
@@ -327,9 +333,9 @@ async def test_a_slow_subscriber_is_dropped_while_a_fast_one_gets_everything(
             "Client too slow: more than 32 events were waiting. "
             f"Reconnect with after_seq={len(received)} (the last seq received)."
         )
-        await slow_channel.close()
+        await slow_channel.close(None)
     finally:
-        await service.channel.close()
+        await service.channel.close(None)
         await service.server.stop(grace=1)
 
 
@@ -343,10 +349,14 @@ async def test_shutdown_ends_open_streams_cleanly(tmp_path: Path) -> None:
     assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
     stopping = asyncio.create_task(service.server.stop(grace=5))
     assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
-    assert await asyncio.wait_for(call.read(), 5) is aio.EOF
+    watch.cancel()  # a health Watch never ends by itself: it would hold the grace period
+    assert await asyncio.wait_for(call.read(), 5) is EOF
     assert await call.code() == grpc.StatusCode.OK
+    loop = asyncio.get_running_loop()
+    began = loop.time()
     await asyncio.wait_for(stopping, 10)
-    await service.channel.close()
+    assert loop.time() - began < 4  # nothing left open waited for the 5 s grace
+    await service.channel.close(None)
 
 
 # ---- health, reflection, auth ---------------------------------------------------------------
@@ -374,9 +384,7 @@ async def test_reports_need_a_token_once_one_is_set(
     error = await rpc_error(service.stub.ReportMetrics(outside_report()))
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
     assert "Missing bearer token" in (error.details() or "")
-    error = await rpc_error(
-        service.stub.ReportMetrics(outside_report(), metadata=bearer("guess"))
-    )
+    error = await rpc_error(service.stub.ReportMetrics(outside_report(), metadata=bearer("guess")))
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
     assert "not valid" in (error.details() or "")
     ok = await service.stub.ReportMetrics(outside_report(), metadata=bearer("report-secret"))
@@ -393,7 +401,7 @@ async def test_a_restart_answers_from_the_stored_events(tmp_path: Path) -> None:
     await feed(first, run_events(three_epochs()), register=True)
     await first.stub.ReportMetrics(outside_report())
     before = await first.stub.GetMetrics(metrics_pb2.GetMetricsRequest(run_id=RUN_ID))
-    await first.channel.close()
+    await first.channel.close(None)
     await first.server.stop(grace=1)
     second = await start(tmp_path)
     try:
@@ -403,5 +411,52 @@ async def test_a_restart_answers_from_the_stored_events(tmp_path: Path) -> None:
         answer = await second.stub.ReportMetrics(outside_report(2))
         assert answer.seq == 2
     finally:
-        await second.channel.close()
+        await second.channel.close(None)
         await second.server.stop(grace=1)
+
+
+# ---- the command ----------------------------------------------------------------------------
+
+
+def test_the_command_serves_until_sigterm_then_stops_cleanly(tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "ONESEEK_DB_URL": "postgresql://must-not-be-used"}
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "services.metrics.server",
+            f"--addr=127.0.0.1:{port}",
+            f"--training-addr={DEAD_TRAINING_ADDR}",
+            f"--db-url=sqlite:///{tmp_path / 'var' / 'metrics.db'}",
+        ],
+        cwd=Path(__file__).resolve().parents[2],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            answer = health.Check(
+                health_pb2.HealthCheckRequest(service=SERVICE_NAME),
+                timeout=20,
+                wait_for_ready=True,
+            )
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=20)
+    finally:
+        process.kill()
+    assert process.returncode == 0, output
+    assert "metrics service stopped" in output
+    assert (tmp_path / "var" / "metrics.db").exists()
+
+
+def test_the_command_refuses_postgresql_for_now(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--addr=127.0.0.1:0", "--db-url=postgresql://u:secret@db/metrics"]) == 2
+    printed = capsys.readouterr().err
+    assert "PostgreSQL is not available yet" in printed and "secret" not in printed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -10,15 +11,16 @@ import pytest
 from services.api import training_pb2
 from services.core.errors import InvalidInput
 from services.metrics.records import SOURCE_EXTERNAL, RunRecord, record_from_run
-from services.metrics.store import SQLiteStore, default_db_url, open_store, sqlite_path
+from services.metrics.sqlite_store import SQLiteStore, sqlite_path
+from services.metrics.store import default_db_url, open_store
 from tests.metrics.sample_run import RUN_ID, run_events, run_message, three_epochs, with_cursors
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> SQLiteStore:
+async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
     opened = SQLiteStore(tmp_path / "var" / "metrics.db")
     await opened.open()
-    yield opened  # type: ignore[misc]
+    yield opened
     await opened.close()
 
 

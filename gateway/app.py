@@ -1,0 +1,77 @@
+"""The gateway application: `create_app(settings)` wires routes, websocket feed, page, error
+envelope and security headers, and owns the gRPC channels and the feeds for the app's life.
+
+Startup opens one channel per service and starts the feeds' heartbeat; shutdown first closes
+every websocket with 1001 and cancels and awaits every feed task, then closes the channels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.web_request import BaseRequest
+
+from gateway.bodies import JSON_TYPE, encode
+from gateway.errors import error_middleware
+from gateway.feeds import RunFeeds
+from gateway.openapi import build_document
+from gateway.page import page_routes, security_headers
+from gateway.routes import Routes
+from gateway.settings import GatewaySettings
+from gateway.upstream import Upstream
+from gateway.websocket import training_feed
+
+FEEDS = web.AppKey("feeds", RunFeeds)
+UPSTREAM = web.AppKey("upstream", Upstream)
+SETTINGS = web.AppKey("settings", GatewaySettings)
+
+
+class AccessLog(AbstractAccessLogger):
+    """One line per request, without the query string: a websocket's `?token=` stays out of
+    the log."""
+
+    def log(self, request: BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.logger.info(
+            "%s %s %s %.1fms", request.method, request.path, response.status, time * 1000
+        )
+
+
+def create_app(settings: GatewaySettings) -> web.Application:
+    app = web.Application(
+        client_max_size=settings.max_body_bytes,
+        middlewares=[error_middleware(settings.max_body_bytes)],
+    )
+    upstream = Upstream(settings)
+    feeds = RunFeeds(upstream, settings)
+    app[SETTINGS] = settings
+    app[UPSTREAM] = upstream
+    app[FEEDS] = feeds
+
+    async def services(app: web.Application) -> AsyncIterator[None]:
+        upstream.open()
+        feeds.start()
+        try:
+            yield
+        finally:
+            await feeds.close()
+            await upstream.close()
+
+    async def close_feeds(app: web.Application) -> None:
+        # before aiohttp waits for open handlers: websockets end now, with 1001
+        await feeds.close()
+
+    app.cleanup_ctx.append(services)
+    app.on_shutdown.append(close_feeds)
+    app.on_response_prepare.append(security_headers)
+
+    document = encode(build_document())
+
+    async def openapi(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=document, content_type=JSON_TYPE)
+
+    app.add_routes(Routes(settings, upstream).table())
+    app.add_routes([web.get("/api/openapi.json", openapi), training_feed(settings, feeds)])
+    app.add_routes(page_routes(settings.static_dir))
+    return app

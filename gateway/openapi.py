@@ -1,0 +1,592 @@
+"""`GET /api/openapi.json`: an OpenAPI 3.1 description of every route, its inputs, its answers
+and its errors, and of every websocket message.
+
+The schemas of answers and events are derived from the .proto descriptors by the same rules as
+`services.api.codec.message_to_dict` (every field present, optional values and sub-messages
+nullable, enums as lower-case names, timestamps ISO 8601 with milliseconds and `Z`), so they
+cannot drift from what the gateway sends; the tests validate real answers against them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from google.protobuf.descriptor import FieldDescriptor
+
+from gateway.errors import ERROR_CODES
+from gateway.forms import AUTO_STOP_FIELDS, REPORT_FIELDS
+from gateway.routes import ARTIFACTS
+from services.api import metrics_pb2, training_pb2
+from services.core.training_config import MODEL_NAME_RE, TRAINING_CONFIG, get_config
+from services.metrics.reports import MAX_EPOCHS, MAX_REPORTED_MODELS
+
+TIMESTAMP_PATTERN = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$"
+RUN_ID_PATTERN = TRAINING_CONFIG["metadata"]["run_id_pattern"]
+_TIMESTAMP = "google.protobuf.Timestamp"
+_INTEGERS = {
+    FieldDescriptor.TYPE_INT64,
+    FieldDescriptor.TYPE_INT32,
+    FieldDescriptor.TYPE_UINT64,
+    FieldDescriptor.TYPE_UINT32,
+    FieldDescriptor.TYPE_SINT64,
+    FieldDescriptor.TYPE_SINT32,
+    FieldDescriptor.TYPE_FIXED64,
+    FieldDescriptor.TYPE_FIXED32,
+}
+_NUMBERS = {FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT}
+EVENT_KINDS = tuple(
+    f.name for f in training_pb2.TrainingEvent.DESCRIPTOR.oneofs_by_name["payload"].fields
+)
+
+
+def _ref(name: str) -> dict[str, Any]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    if "$ref" in schema:
+        return {"anyOf": [schema, {"type": "null"}]}
+    kind = schema["type"]
+    return {**schema, "type": [*(kind if isinstance(kind, list) else [kind]), "null"]}
+
+
+class Schemas:
+    """components/schemas, filled on demand from message descriptors."""
+
+    def __init__(self) -> None:
+        self.schemas: dict[str, Any] = {}
+        self._owners: dict[str, str] = {}
+
+    def message(self, descriptor: Any, *, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+        """A $ref to the schema of `descriptor`'s JSON shape (registered once)."""
+        name = descriptor.name
+        owner = self._owners.setdefault(name, descriptor.full_name)
+        assert owner == descriptor.full_name, f"two messages named {name}"
+        if name not in self.schemas:
+            self.schemas[name] = {}  # placeholder first: messages may refer to each other
+            self.schemas[name] = self.object_of(descriptor, skip=skip)
+        return _ref(name)
+
+    def object_of(self, descriptor: Any, *, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+        properties: dict[str, Any] = {}
+        for field in descriptor.fields:
+            if field.name in skip:
+                continue
+            oneof = field.containing_oneof
+            if oneof is not None and not oneof.name.startswith("_"):
+                continue  # a real oneof is flattened by its caller (the event payload)
+            properties[field.name] = self.field(field)
+        return {
+            "type": "object",
+            "properties": properties,
+            "required": list(properties),
+            "additionalProperties": False,
+        }
+
+    def field(self, field: Any) -> dict[str, Any]:
+        if field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type.GetOptions().map_entry:
+            value = field.message_type.fields_by_name["value"]
+            return {"type": "object", "additionalProperties": self.scalar(value)}
+        if field.is_repeated:
+            return {"type": "array", "items": self.scalar(field)}
+        schema = self.scalar(field)
+        if field.has_presence and "null" not in str(schema.get("type", "")):
+            return _nullable(schema)
+        return schema
+
+    def scalar(self, field: Any) -> dict[str, Any]:
+        if field.type == FieldDescriptor.TYPE_MESSAGE:
+            if field.message_type.full_name == _TIMESTAMP:
+                return {"type": "string", "pattern": TIMESTAMP_PATTERN}
+            return self.message(field.message_type)
+        if field.type == FieldDescriptor.TYPE_ENUM:
+            prefix = _enum_prefix(field.enum_type)
+            names = [
+                v.name.removeprefix(prefix).lower() for v in field.enum_type.values if v.number
+            ]
+            return {"type": ["string", "null"], "enum": [*names, None]}
+        if field.type in _INTEGERS:
+            return {"type": "integer"}
+        if field.type in _NUMBERS:
+            return {"type": "number"}
+        if field.type == FieldDescriptor.TYPE_BOOL:
+            return {"type": "boolean"}
+        return {"type": "string"}
+
+
+def _enum_prefix(enum: Any) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", enum.name).upper() + "_"
+
+
+def _value_schema(value: Any) -> dict[str, Any]:
+    """The schema of a configuration value, from the value itself (the config is the source)."""
+    if isinstance(value, bool):
+        return {"type": "boolean"}
+    if isinstance(value, int):
+        return {"type": "integer"}
+    if isinstance(value, float):
+        return {"type": "number"}
+    if isinstance(value, str):
+        return {"type": "string"}
+    if isinstance(value, Mapping):
+        properties = {key: _value_schema(item) for key, item in value.items()}
+        return {
+            "type": "object",
+            "properties": properties,
+            "required": list(properties),
+            "additionalProperties": False,
+        }
+    if isinstance(value, (list, tuple)):
+        return {"type": "array"}
+    return {}
+
+
+def event_schema_name(kind: str) -> str:
+    """ "epoch_end" -> "EpochEndEvent"."""
+    return "".join(part.title() for part in kind.split("_")) + "Event"
+
+
+def _envelope(kind: str) -> dict[str, Any]:
+    return {
+        "type": {"const": kind},
+        "run_id": {"type": "string"},
+        "seq": {"type": "integer", "minimum": 0},
+        "timestamp": {"type": "string", "pattern": TIMESTAMP_PATTERN},
+    }
+
+
+def _event_schemas(schemas: Schemas) -> dict[str, Any]:
+    events: dict[str, Any] = {}
+    for kind in EVENT_KINDS:
+        payload: Any = training_pb2.TrainingEvent.DESCRIPTOR.fields_by_name[kind].message_type
+        if kind == "initial_state":
+            body = schemas.object_of(
+                training_pb2.RunMetrics.DESCRIPTOR, skip=("run_id", "timestamp")
+            )
+            body["properties"]["config"] = _nullable(
+                schemas.message(training_pb2.RunConfig.DESCRIPTOR)
+            )
+            body["properties"]["models"] = {
+                "type": "array",
+                "items": schemas.message(training_pb2.ModelInfo.DESCRIPTOR),
+            }
+        else:
+            body = schemas.object_of(payload)
+        properties = {**_envelope(kind), **body["properties"]}
+        events[event_schema_name(kind)] = {
+            "type": "object",
+            "properties": properties,
+            "required": list(properties),
+            "additionalProperties": False,
+        }
+    error = {
+        **_envelope("error"),
+        "run_id": {"type": ["string", "null"]},
+        "seq": {"type": "null"},
+        "error": {"type": "string"},
+        "message": {"type": "string"},
+    }
+    events[event_schema_name("error")] = {
+        "type": "object",
+        "properties": error,
+        "required": list(error),
+        "additionalProperties": False,
+    }
+    events["WebSocketMessage"] = {"oneOf": [_ref(name) for name in events]}
+    return events
+
+
+def _start_body() -> dict[str, Any]:
+    limits = TRAINING_CONFIG["limits"]
+    name = {"type": "string", "pattern": MODEL_NAME_RE.pattern}
+
+    def opt(schema: dict[str, Any]) -> dict[str, Any]:
+        return _nullable(schema)
+
+    def whole(low: int, high: int | None = None) -> dict[str, Any]:
+        schema: dict[str, Any] = {"type": "integer", "minimum": low}
+        if high is not None:
+            schema["maximum"] = high
+        return opt(schema)
+
+    properties = {
+        "datasetId": {**name, "description": "A dataset in DATASETS_DIR (<id>.jsonl)."},
+        "baseModels": {
+            "type": "array",
+            "items": name,
+            "minItems": 1,
+            "maxItems": limits["max_models"],
+            "uniqueItems": True,
+            "description": "Base models in MODELS_DIR; there is no default.",
+        },
+        "epochs": whole(1, limits["max_epochs"]),
+        "learningRate": opt({"type": "number", "exclusiveMinimum": 0}),
+        "autoStopThreshold": opt({"type": "number", "minimum": 0}),
+        "autoStopPatience": whole(1),
+        "minEpochs": whole(1),
+        "batchSize": whole(1, limits["max_batch_size"]),
+        "seed": whole(0, 2**32 - 1),
+        "method": {"type": ["string", "null"], "enum": ["lora", "full", None]},
+        "loraRank": whole(1, limits["max_lora_rank"]),
+        "maxSeqLength": whole(8, limits["max_seq_length"]),
+        "loraAlpha": whole(1),
+        "loraDropout": opt({"type": "number", "minimum": 0, "exclusiveMaximum": 1}),
+        "validationSplit": opt({"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1}),
+        "refreshInterval": opt({"type": "number", "exclusiveMinimum": 0}),
+    }
+    return {
+        "type": "object",
+        "description": "Absent or null optional fields take the defaults of GET /api/config.",
+        "properties": properties,
+        "required": ["datasetId", "baseModels"],
+        "additionalProperties": False,
+    }
+
+
+def _report_body(schemas: Schemas) -> dict[str, Any]:
+    losses = {
+        "type": "object",
+        "additionalProperties": {"type": "number"},
+        "maxProperties": MAX_REPORTED_MODELS,
+    }
+    auto_stop = schemas.object_of(training_pb2.AutoStopInfo.DESCRIPTOR)
+    auto_stop["required"] = []
+    assert tuple(auto_stop["properties"]) == AUTO_STOP_FIELDS
+    properties = {
+        "epoch": {"type": "integer", "minimum": 1, "maximum": MAX_EPOCHS},
+        "total_epochs": {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_EPOCHS},
+        "val_losses": {**losses, "minProperties": 1},
+        "train_losses": _nullable(losses),
+        "weights": _nullable(losses),
+        "lr_multipliers": _nullable(losses),
+        "total_loss": {"type": ["number", "null"]},
+        "auto_stop_info": _nullable(auto_stop),
+        "progress_percent": {"type": ["number", "null"], "minimum": 0, "maximum": 100},
+    }
+    assert tuple(properties) == REPORT_FIELDS
+    return {
+        "type": "object",
+        "description": "One epoch of an outside training process, like an epoch_end payload.",
+        "properties": properties,
+        "required": ["epoch", "val_losses"],
+        "additionalProperties": False,
+    }
+
+
+def _obj(**properties: Any) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": list(properties),
+        "additionalProperties": False,
+    }
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+_ERROR_RESPONSES = {
+    "400": "Bad input: the `field` names the request field and `message` what is allowed.",
+    "401": "Missing or wrong bearer token.",
+    "403": "Refused: a cross-site request, or a non-loopback Host without a token.",
+    "404": "Unknown run, model, dataset or route.",
+    "409": "The run's state forbids it (e.g. a run is already active and the limit is reached).",
+    "413": "The request body is larger than the gateway's limit.",
+    "429": "The service is overloaded.",
+    "501": "Not available in this version.",
+    "502": "A service failed.",
+    "503": "A service is down; the gateway recovers by itself when it is back.",
+}
+
+
+def _errors(*statuses: int) -> dict[str, Any]:
+    return {str(s): {"$ref": f"#/components/responses/Error{s}"} for s in statuses}
+
+
+_RUN_ID = {
+    "name": "runId",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": RUN_ID_PATTERN},
+    "description": "run-YYYYMMDD-HHMMSS[-N]; anything else is refused with 400 first.",
+}
+ADMIN: list[dict[str, Any]] = [{"bearerAuth": []}]
+READ: list[dict[str, Any]] = [{}, {"bearerAuth": []}]
+
+
+def _operation(
+    summary: str,
+    ok: dict[str, Any],
+    *,
+    security: list[dict[str, Any]],
+    errors: tuple[int, ...],
+    status: int = 200,
+    parameters: list[dict[str, Any]] | None = None,
+    body: str | None = None,
+) -> dict[str, Any]:
+    operation: dict[str, Any] = {
+        "summary": summary,
+        "security": security,
+        "responses": {str(status): ok, **_errors(*errors)},
+    }
+    if parameters:
+        operation["parameters"] = parameters
+    if body is not None:
+        operation["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": _ref(body)}},
+        }
+    return operation
+
+
+def build_document() -> dict[str, Any]:
+    schemas = Schemas()
+    ref = schemas.message
+    run, summary = ref(training_pb2.Run.DESCRIPTOR), ref(metrics_pb2.RunSummary.DESCRIPTOR)
+    metrics, board = (
+        ref(training_pb2.RunMetrics.DESCRIPTOR),
+        ref(metrics_pb2.Leaderboard.DESCRIPTOR),
+    )
+    model, dataset = (
+        ref(training_pb2.ModelInfo.DESCRIPTOR),
+        ref(training_pb2.DatasetInfo.DESCRIPTOR),
+    )
+    status_name = {"type": ["string", "null"]}
+    components = schemas.schemas
+    components.update(_event_schemas(schemas))
+    components.update(
+        {
+            "Error": _obj(
+                error={"type": "string", "enum": sorted(set(ERROR_CODES.values()))},
+                message={"type": "string"},
+                field={"type": ["string", "null"]},
+            ),
+            "Config": _value_schema(get_config()),
+            "StartRequest": _start_body(),
+            "ReportRequest": _report_body(schemas),
+            "RunAccepted": _obj(
+                success={"const": True}, runId={"type": "string"}, status=status_name
+            ),
+            "ReportAccepted": _obj(success={"type": "boolean"}, seq={"type": "integer"}),
+            "Models": _obj(models={"type": "array", "items": model}),
+            "Datasets": _obj(datasets={"type": "array", "items": dataset}),
+            "TrainingStatus": _obj(
+                active={"type": "array", "items": run}, max_active_runs={"type": "integer"}
+            ),
+            "Runs": _obj(runs={"type": "array", "items": summary}),
+            "Health": _obj(
+                status={"enum": ["ok", "degraded"]},
+                training={"type": "boolean"},
+                metrics={"type": "boolean"},
+            ),
+            "Artifact": {"type": "object", "description": "The run folder file's JSON, as is."},
+        }
+    )
+    artifact_name = {
+        "name": "name",
+        "in": "path",
+        "required": True,
+        "schema": {"enum": list(ARTIFACTS)},
+    }
+    paths: dict[str, Any] = {
+        "/api/config": {
+            "get": _operation(
+                "The effective training configuration (every default the page uses).",
+                _json(_ref("Config"), "TRAINING_CONFIG"),
+                security=READ,
+                errors=(401, 403),
+            )
+        },
+        "/api/admin/models": {
+            "get": _operation(
+                "Base models found in MODELS_DIR.",
+                _json(_ref("Models"), "Models"),
+                security=ADMIN,
+                errors=(401, 403, 502, 503),
+            )
+        },
+        "/api/admin/datasets": {
+            "get": _operation(
+                "Datasets found in DATASETS_DIR.",
+                _json(_ref("Datasets"), "Datasets"),
+                security=ADMIN,
+                errors=(401, 403, 502, 503),
+            )
+        },
+        "/api/admin/training/start-dna-v2": {
+            "post": _operation(
+                "Start a run: every selected base model fine-tuned on the dataset side by side.",
+                _json(_ref("RunAccepted"), "The run was created and is starting."),
+                security=ADMIN,
+                status=202,
+                body="StartRequest",
+                errors=(400, 401, 403, 404, 409, 413, 502, 503),
+            )
+        },
+        "/api/admin/training/status": {
+            "get": _operation(
+                "Active runs and their status.",
+                _json(_ref("TrainingStatus"), "Active runs"),
+                security=ADMIN,
+                errors=(401, 403, 502, 503),
+            )
+        },
+        "/api/admin/training/{runId}/stop": {
+            "post": _operation(
+                "Stop a run cleanly: the current step ends, artifacts are written, status "
+                "`stopped` (shown on the websocket shortly after).",
+                _json(_ref("RunAccepted"), "The stop was accepted; status is the run's then."),
+                security=ADMIN,
+                parameters=[_RUN_ID],
+                errors=(400, 401, 403, 404, 409, 502, 503),
+            )
+        },
+        "/api/admin/training/{runId}/resume": {
+            "post": _operation(
+                "Resume an interrupted or failed run from its last completed epoch.",
+                _json(_ref("RunAccepted"), "The run is resuming."),
+                security=ADMIN,
+                status=202,
+                parameters=[_RUN_ID],
+                errors=(400, 401, 403, 404, 409, 501, 502, 503),
+            )
+        },
+        "/api/training/runs": {
+            "get": _operation(
+                "Every run, newest first.",
+                _json(_ref("Runs"), "Runs"),
+                security=READ,
+                errors=(401, 403, 502, 503),
+            )
+        },
+        "/api/training/active": {
+            "get": _operation(
+                "Runs now running.",
+                _json(_ref("Runs"), "Running runs"),
+                security=READ,
+                errors=(401, 403, 502, 503),
+            )
+        },
+        "/api/training/{runId}/metrics": {
+            "get": _operation(
+                "A run's metrics and its full epoch history, from the moment it starts.",
+                _json(metrics, "RunMetrics"),
+                security=READ,
+                parameters=[_RUN_ID],
+                errors=(400, 401, 403, 404, 502, 503),
+            ),
+            "post": _operation(
+                "An outside training process reports one epoch (admin or report token).",
+                _json(_ref("ReportAccepted"), "Stored under `seq`."),
+                security=[{"bearerAuth": []}],
+                parameters=[_RUN_ID],
+                body="ReportRequest",
+                errors=(400, 401, 403, 404, 409, 413, 429, 502, 503),
+            ),
+        },
+        "/api/training/{runId}/leaderboard": {
+            "get": _operation(
+                "The models ranked by validation loss, rank 1 first.",
+                _json(board, "Leaderboard"),
+                security=READ,
+                parameters=[_RUN_ID],
+                errors=(400, 401, 403, 404, 502, 503),
+            )
+        },
+        "/api/training/{runId}/artifacts/{name}": {
+            "get": _operation(
+                "One JSON file of the run folder.",
+                _json(_ref("Artifact"), "The file, byte for byte."),
+                security=READ,
+                parameters=[_RUN_ID, artifact_name],
+                errors=(400, 401, 403, 404, 502, 503),
+            )
+        },
+        "/ws/training": {
+            "get": {
+                "summary": "Websocket feed of a run (upgrade). Messages: WebSocketMessage. "
+                "initial_state first, then every later event in seq order; with since, exactly "
+                "the events after since. Heartbeat every 30 s. Close 1008: no, invalid or "
+                "unknown runId (the last two after one error message); 1013: too slow or "
+                "metrics service unavailable (reconnect with since); 1001: gateway shutdown.",
+                "security": READ,
+                "parameters": [
+                    {**_RUN_ID, "in": "query", "required": False},
+                    {
+                        "name": "since",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "integer", "minimum": 0},
+                    },
+                    {
+                        "name": "token",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "string"},
+                        "description": "The admin token, where the Authorization header "
+                        "cannot be set (browsers).",
+                    },
+                ],
+                "responses": {
+                    "101": {
+                        "description": "Switching to the websocket protocol.",
+                        "content": {"application/json": {"schema": _ref("WebSocketMessage")}},
+                    },
+                    **_errors(401, 403),
+                },
+            }
+        },
+        "/healthz": {
+            "get": {
+                "summary": "Gateway liveness, and whether both services answer.",
+                "security": [{}],
+                "responses": {
+                    "200": _json(_ref("Health"), "Both services answer."),
+                    "503": _json(_ref("Health"), "A service does not answer."),
+                },
+            }
+        },
+        "/api/openapi.json": {
+            "get": {
+                "summary": "This document.",
+                "security": [{}],
+                "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1")},
+            }
+        },
+        "/": {
+            "get": {
+                "summary": "The admin page.",
+                "security": [{}],
+                "responses": {"200": {"description": "HTML", "content": {"text/html": {}}}},
+            }
+        },
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "OneSeek DNA training gateway",
+            "version": "1",
+            "description": "Request bodies are camelCase, answers snake_case. Every error is "
+            '{"error", "message", "field"}. Admin routes need the admin token; reads are open '
+            "on loopback.",
+        },
+        "jsonSchemaDialect": "https://spec.openapis.org/oas/3.1/dialect/base",
+        "paths": paths,
+        "components": {
+            "schemas": components,
+            "responses": {
+                f"Error{status}": _json(_ref("Error"), text)
+                for status, text in _ERROR_RESPONSES.items()
+            },
+            "securitySchemes": {
+                "bearerAuth": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "ONESEEK_ADMIN_TOKEN (or ONESEEK_REPORT_TOKEN for reports).",
+                }
+            },
+        },
+    }

@@ -1,0 +1,227 @@
+"""The REST routes of DESIGN.md section 4: each checks access, then its input (a `runId` before
+anything reaches a service), then makes one gRPC call and answers its documented JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from aiohttp import web
+
+from gateway.auth import Access, authorize
+from gateway.bodies import json_response, read_object
+from gateway.errors import ApiError
+from gateway.forms import report_request, start_request
+from gateway.settings import GatewaySettings
+from gateway.upstream import Upstream
+from services.api import metrics_pb2, training_pb2
+from services.api.codec import message_to_dict, run_status_name
+from services.core.training_config import get_config, validate_run_id
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+ARTIFACTS = ("live_metrics.json", "training_results.json", "oneseek_dna.json", "ledger_proof.json")
+RUNNING = training_pb2.RUN_STATUS_RUNNING
+
+
+def _start_field(code: grpc.StatusCode, message: str) -> str | None:
+    """The start-body field a training-service refusal is about. The service's gRPC errors
+    carry no field; its messages name the subject first ("Base model 'x' …", "Dataset …")."""
+    if message.startswith(("Base model", "No base models", "Too many base models")):
+        return "baseModels"
+    if message.startswith("Dataset") or message.startswith("Record"):
+        return "datasetId"
+    return None
+
+
+def run_id_of(request: web.Request) -> str:
+    """The path's runId, validated before any service sees it (400 naming `runId`)."""
+    return validate_run_id(request.match_info["runId"])
+
+
+class Routes:
+    """The handlers, bound to the settings and the gRPC channels of one app."""
+
+    def __init__(self, settings: GatewaySettings, upstream: Upstream) -> None:
+        self.settings = settings
+        self.upstream = upstream
+
+    def table(self) -> list[web.RouteDef]:
+        guard = self._guard
+        return [
+            web.get("/api/config", guard(Access.READ, self.config)),
+            web.get("/api/admin/models", guard(Access.ADMIN, self.models)),
+            web.get("/api/admin/datasets", guard(Access.ADMIN, self.datasets)),
+            web.post("/api/admin/training/start-dna-v2", guard(Access.ADMIN, self.start)),
+            web.get("/api/admin/training/status", guard(Access.ADMIN, self.status)),
+            web.post("/api/admin/training/{runId}/stop", guard(Access.ADMIN, self.stop)),
+            web.post("/api/admin/training/{runId}/resume", guard(Access.ADMIN, self.resume)),
+            web.get("/api/training/runs", guard(Access.READ, self.runs)),
+            web.get("/api/training/active", guard(Access.READ, self.active)),
+            web.get("/api/training/{runId}/metrics", guard(Access.READ, self.metrics)),
+            web.post("/api/training/{runId}/metrics", guard(Access.REPORT, self.report)),
+            web.get("/api/training/{runId}/leaderboard", guard(Access.READ, self.leaderboard)),
+            web.get("/api/training/{runId}/artifacts/{name}", guard(Access.READ, self.artifact)),
+            web.get("/healthz", self.health),
+        ]
+
+    def _guard(self, access: Access, handler: Handler) -> Handler:
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            authorize(request, access, self.settings)
+            return await handler(request)
+
+        return guarded
+
+    # ---- configuration, models, datasets ------------------------------------------------------
+
+    async def config(self, request: web.Request) -> web.StreamResponse:
+        return json_response(get_config())
+
+    async def models(self, request: web.Request) -> web.StreamResponse:
+        up = self.upstream
+        reply = await up.training.call(
+            up.training_stub.ListModels, training_pb2.ListModelsRequest()
+        )
+        return json_response({"models": [message_to_dict(m) for m in reply.models]})
+
+    async def datasets(self, request: web.Request) -> web.StreamResponse:
+        up = self.upstream
+        reply = await up.training.call(
+            up.training_stub.ListDatasets, training_pb2.ListDatasetsRequest()
+        )
+        return json_response({"datasets": [message_to_dict(d) for d in reply.datasets]})
+
+    # ---- controlling runs ---------------------------------------------------------------------
+
+    async def start(self, request: web.Request) -> web.StreamResponse:
+        message = start_request(await read_object(request))
+        up = self.upstream
+        reply = await up.training.call(
+            up.training_stub.StartRun,
+            message,
+            token=self.settings.admin_token,
+            timeout=self.settings.start_timeout,
+            field_of=_start_field,
+        )
+        return json_response(
+            {"success": True, "runId": reply.run_id, "status": run_status_name(reply.status)},
+            status=202,
+        )
+
+    async def stop(self, request: web.Request) -> web.StreamResponse:
+        run_id = run_id_of(request)
+        up = self.upstream
+        reply = await up.training.call(
+            up.training_stub.StopRun,
+            training_pb2.StopRunRequest(run_id=run_id),
+            token=self.settings.admin_token,
+        )
+        status = run_status_name(reply.run.status)
+        return json_response({"success": True, "runId": run_id, "status": status})
+
+    async def resume(self, request: web.Request) -> web.StreamResponse:
+        run_id = run_id_of(request)
+        up = self.upstream
+        reply = await up.training.call(
+            up.training_stub.ResumeRun,
+            training_pb2.ResumeRunRequest(run_id=run_id),
+            token=self.settings.admin_token,
+            timeout=self.settings.start_timeout,
+        )
+        return json_response(
+            {"success": True, "runId": reply.run_id, "status": run_status_name(reply.status)},
+            status=202,
+        )
+
+    async def status(self, request: web.Request) -> web.StreamResponse:
+        up = self.upstream
+        reply = await up.training.call(
+            up.training_stub.ListRuns, training_pb2.ListRunsRequest(status=RUNNING)
+        )
+        return json_response(
+            {
+                "active": [message_to_dict(run) for run in reply.runs],
+                # the service's own limit is not in its API yet: the configured default
+                "max_active_runs": get_config()["defaults"]["max_active_runs"],
+            }
+        )
+
+    # ---- reading runs -------------------------------------------------------------------------
+
+    async def _summaries(self, status: int) -> web.StreamResponse:
+        up = self.upstream
+        reply = await up.metrics.call(
+            up.metrics_stub.ListRuns,
+            metrics_pb2.ListRunsRequest(status=status),  # type: ignore[arg-type]
+        )
+        return json_response({"runs": [message_to_dict(run) for run in reply.runs]})
+
+    async def runs(self, request: web.Request) -> web.StreamResponse:
+        return await self._summaries(training_pb2.RUN_STATUS_UNSPECIFIED)
+
+    async def active(self, request: web.Request) -> web.StreamResponse:
+        return await self._summaries(RUNNING)
+
+    async def metrics(self, request: web.Request) -> web.StreamResponse:
+        run_id = run_id_of(request)
+        up = self.upstream
+        reply = await up.metrics.call(
+            up.metrics_stub.GetMetrics, metrics_pb2.GetMetricsRequest(run_id=run_id)
+        )
+        return json_response(message_to_dict(reply))
+
+    async def leaderboard(self, request: web.Request) -> web.StreamResponse:
+        run_id = run_id_of(request)
+        up = self.upstream
+        reply = await up.metrics.call(
+            up.metrics_stub.GetLeaderboard, metrics_pb2.GetLeaderboardRequest(run_id=run_id)
+        )
+        return json_response(message_to_dict(reply))
+
+    async def artifact(self, request: web.Request) -> web.StreamResponse:
+        run_id = run_id_of(request)
+        name = request.match_info["name"]
+        if name not in ARTIFACTS:
+            raise ApiError.bad_request(
+                f"Artifact {name!r} is not available; ask for one of {', '.join(ARTIFACTS)}.",
+                field="name",
+            )
+        up = self.upstream
+        reply = await up.training.call(
+            up.training_stub.GetArtifact,
+            training_pb2.GetArtifactRequest(run_id=run_id, name=name),
+        )
+        return web.Response(
+            body=reply.content.encode(),
+            content_type="application/json",
+            headers={"ETag": f'"{reply.sha256}"'} if reply.sha256 else None,
+        )
+
+    async def report(self, request: web.Request) -> web.StreamResponse:
+        run_id = run_id_of(request)
+        message = report_request(run_id, await read_object(request))
+        up = self.upstream
+        reply = await up.metrics.call(
+            up.metrics_stub.ReportMetrics,
+            message,
+            token=self.settings.admin_token or self.settings.report_token,
+        )
+        return json_response({"success": reply.success, "seq": reply.seq})
+
+    # ---- liveness -----------------------------------------------------------------------------
+
+    async def health(self, request: web.Request) -> web.StreamResponse:
+        timeout = self.settings.health_timeout
+        training, metrics = await asyncio.gather(
+            self.upstream.training.healthy(timeout), self.upstream.metrics.healthy(timeout)
+        )
+        ok = training and metrics
+        body: dict[str, Any] = {
+            "status": "ok" if ok else "degraded",
+            "training": training,
+            "metrics": metrics,
+        }
+        return json_response(body, status=200 if ok else 503)

@@ -1,0 +1,106 @@
+"""The gateway's settings: where it listens, where the services are, its tokens and its limits.
+
+Read once from the environment (flags override it); everything else receives a
+`GatewaySettings`, so tests build one directly and nothing reads the environment later.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.api.runtime import admin_token, metrics_addr, report_token, training_addr
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 3001
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a bind address or a Host header's name) can only be reached locally."""
+    name = host.strip().strip("[]").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    training_addr: str = "127.0.0.1:50051"
+    metrics_addr: str = "127.0.0.1:50052"
+    admin_token: str | None = None
+    """Admin routes need it whenever it is set; without it they are open on loopback only."""
+    report_token: str | None = None
+    """May report metrics (POST /api/training/{runId}/metrics) besides the admin token."""
+    max_body_bytes: int = 1024 * 1024
+    rpc_timeout: float = 10.0
+    """Deadline of every unary call except StartRun."""
+    start_timeout: float = 60.0
+    """StartRun validates the dataset and spawns a worker: it may take longer."""
+    health_timeout: float = 2.0
+    heartbeat_interval: float = 30.0
+    """Seconds between websocket heartbeats (DESIGN.md section 5)."""
+    client_queue_size: int = 1024
+    """Frames a websocket client may have waiting before it is closed as too slow (1013)."""
+    client_send_buffer: int = 256 * 1024
+    """Kernel send buffer of each websocket: bounds what a stalled client can pin in memory
+    and lets a slow one be noticed after a few hundred KiB instead of many MiB."""
+    close_timeout: float = 10.0
+    """How long a closing websocket may wait for its client before the socket is dropped."""
+    ready_timeout: float = 15.0
+    """How long a new websocket waits for its run's feed to catch up with the metrics service."""
+    feed_linger: float = 60.0
+    """A run's feed with no client stays subscribed this long, for quick reconnects."""
+    resubscribe_initial: float = 0.1
+    resubscribe_max: float = 5.0
+    static_dir: Path = STATIC_DIR
+
+    @property
+    def loopback(self) -> bool:
+        return is_loopback(self.host)
+
+    def startup_problem(self) -> str | None:
+        """Why the gateway must not start with these settings, or None."""
+        if not self.loopback and not self.admin_token:
+            return (
+                f"Refusing to listen on {self.host}, which is reachable from other machines, "
+                "without an admin token: set ONESEEK_ADMIN_TOKEN, or listen on 127.0.0.1."
+            )
+        if not 0 <= self.port <= 65535:
+            return f"--port must be from 0 to 65535, got {self.port}."
+        return None
+
+    @classmethod
+    def from_env(
+        cls,
+        *,
+        host: str | None = None,
+        port: int | None = None,
+        training: str | None = None,
+        metrics: str | None = None,
+    ) -> GatewaySettings:
+        """Flags first, then ONESEEK_GATEWAY_HOST / _PORT, ONESEEK_TRAINING_ADDR / _METRICS_ADDR,
+        ONESEEK_ADMIN_TOKEN and ONESEEK_REPORT_TOKEN, then the defaults."""
+        env_port = os.environ.get("ONESEEK_GATEWAY_PORT")
+        if port is None and env_port:
+            try:
+                port = int(env_port)
+            except ValueError:
+                raise ValueError(
+                    f"ONESEEK_GATEWAY_PORT must be a port number, got {env_port!r}."
+                ) from None
+        return cls(
+            host=host or os.environ.get("ONESEEK_GATEWAY_HOST") or DEFAULT_HOST,
+            port=DEFAULT_PORT if port is None else port,
+            training_addr=training or training_addr(),
+            metrics_addr=metrics or metrics_addr(),
+            admin_token=admin_token(),
+            report_token=report_token(),
+        )

@@ -1,0 +1,124 @@
+// The gateway's REST routes: JSON in and out, the admin token as a Bearer header, and the
+// error envelope {"error", "message", "field"} turned into an ApiError the form can place.
+
+const TOKEN_KEY = "oneseek.adminToken";
+let memoryToken = "";
+
+/** The admin token lives in sessionStorage: it survives a reload, not the closing of the tab. */
+export function getToken() {
+  let stored = "";
+  try {
+    stored = sessionStorage.getItem(TOKEN_KEY) ?? "";
+  } catch {
+    // storage can be disabled (private mode, policy): the token then lasts as long as the page
+  }
+  return stored || memoryToken;
+}
+
+export function setToken(token) {
+  memoryToken = token;
+  try {
+    if (token) sessionStorage.setItem(TOKEN_KEY, token);
+    else sessionStorage.removeItem(TOKEN_KEY);
+  } catch {
+    // see getToken
+  }
+}
+
+export class ApiError extends Error {
+  constructor(status, code, message, field, data = null) {
+    super(message);
+    this.data = data;
+    this.name = "ApiError";
+    this.status = status;
+    this.code = code;
+    this.field = field ?? null;
+  }
+}
+
+const FALLBACK_MESSAGES = {
+  0: "The gateway cannot be reached. Check that `oneseek up` (or the gateway) is running.",
+  401: "The admin token was missing or wrong. Enter the token printed by `oneseek up`.",
+  404: "Not found.",
+  413: "The request is too large.",
+  503: "A service behind the gateway is not answering. It is retried automatically.",
+};
+
+/**
+ * fetch() a gateway route. `body` is sent as JSON. Resolves to the parsed JSON answer; rejects
+ * with ApiError (status 0 when the gateway could not be reached at all).
+ */
+export async function request(path, { method = "GET", body, signal } = {}) {
+  const headers = { Accept: "application/json" };
+  const token = getToken();
+  if (token) headers.Authorization = `Bearer ${token}`;
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  let response;
+  try {
+    response = await fetch(path, {
+      method,
+      headers,
+      body: body === undefined ? undefined : JSON.stringify(body),
+      signal,
+      cache: "no-store",
+    });
+  } catch (error) {
+    if (error?.name === "AbortError") throw error;
+    throw new ApiError(0, "unreachable", FALLBACK_MESSAGES[0], null);
+  }
+  let data = null;
+  const text = await response.text();
+  if (text) {
+    try {
+      data = JSON.parse(text);
+    } catch {
+      data = null;
+    }
+  }
+  if (!response.ok) {
+    const message =
+      (data && typeof data.message === "string" && data.message) ||
+      FALLBACK_MESSAGES[response.status] ||
+      `The gateway answered ${response.status} ${response.statusText}.`;
+    throw new ApiError(
+      response.status,
+      data?.error ?? `http_${response.status}`,
+      message,
+      data?.field,
+      data,
+    );
+  }
+  return data;
+}
+
+export const api = {
+  config: () => request("/api/config"),
+  health: () =>
+    request("/healthz").catch((error) => {
+      // 503 still carries the body that says which service is down
+      if (error instanceof ApiError && error.status === 503)
+        return error.data ?? { status: "degraded" };
+      throw error;
+    }),
+  models: () => request("/api/admin/models"),
+  datasets: () => request("/api/admin/datasets"),
+  runs: () => request("/api/training/runs"),
+  active: () => request("/api/training/active"),
+  metrics: (runId) => request(`/api/training/${encodeURIComponent(runId)}/metrics`),
+  start: (body) => request("/api/admin/training/start-dna-v2", { method: "POST", body }),
+  stop: (runId) =>
+    request(`/api/admin/training/${encodeURIComponent(runId)}/stop`, { method: "POST" }),
+  artifact: (runId, name) =>
+    request(`/api/training/${encodeURIComponent(runId)}/artifacts/${encodeURIComponent(name)}`),
+};
+
+export function artifactUrl(runId, name) {
+  return `/api/training/${encodeURIComponent(runId)}/artifacts/${encodeURIComponent(name)}`;
+}
+
+export const ARTIFACTS = [
+  { name: "live_metrics.json", label: "Live metrics" },
+  { name: "training_results.json", label: "Results" },
+  { name: "oneseek_dna.json", label: "DNA" },
+  { name: "ledger_proof.json", label: "Ledger proof" },
+];

@@ -1,0 +1,109 @@
+"""The gateway's gRPC side: one channel to each service, opened and closed with the app, a
+deadline on every unary call, and every failure turned into an `ApiError` by one table.
+
+A channel reconnects by itself when its service comes back; its reconnect backoff is capped at
+a few seconds (gRPC's default cap is two minutes), so the gateway recovers promptly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TypeVar
+
+import grpc
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gateway.errors import from_rpc
+from gateway.settings import GatewaySettings
+from services.api import metrics_pb2_grpc, training_pb2_grpc
+from services.api.runtime import CHANNEL_OPTIONS, bearer
+
+Reply = TypeVar("Reply")
+Reply_co = TypeVar("Reply_co", covariant=True)
+FieldOf = Callable[[grpc.StatusCode, str], "str | None"]
+
+_RECONNECT = [
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 3000),
+]
+
+
+class _UnaryCall(Protocol[Reply_co]):
+    def __call__(
+        self, request: Any, *, timeout: float | None = ..., metadata: Any = ...
+    ) -> Awaitable[Reply_co]: ...
+
+
+class Service:
+    """One service's channel, and calls on it that fail as ApiError."""
+
+    def __init__(self, name: str, addr: str, timeout: float) -> None:
+        self.name = name
+        self.addr = addr
+        self.timeout = timeout
+        self.channel = aio.insecure_channel(addr, options=[*CHANNEL_OPTIONS, *_RECONNECT])
+        self._health = health_pb2_grpc.HealthStub(self.channel)
+
+    async def call(
+        self,
+        method: _UnaryCall[Reply],
+        request: Any,
+        *,
+        token: str | None = None,
+        timeout: float | None = None,
+        field_of: FieldOf | None = None,
+    ) -> Reply:
+        """`method(request)` with a deadline and, when given, `token` as bearer metadata."""
+        try:
+            return await method(request, timeout=timeout or self.timeout, metadata=bearer(token))
+        except aio.AioRpcError as error:
+            raise from_rpc(error, self.name, self.addr, field_of) from None
+
+    async def healthy(self, timeout: float) -> bool:
+        """Whether the service's standard health check says SERVING right now."""
+        try:
+            reply = await self._health.Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+        except aio.AioRpcError:
+            return False
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+    async def close(self) -> None:
+        await self.channel.close(None)
+
+
+class Upstream:
+    """Both services, as the gateway's handlers and feeds use them. Channels belong to an event
+    loop, so they are made by `open()` when the app starts, not when it is built."""
+
+    training_stub: training_pb2_grpc.TrainingServiceAsyncStub
+    metrics_stub: metrics_pb2_grpc.MetricsServiceAsyncStub
+
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.settings = settings
+        self._training: Service | None = None
+        self._metrics: Service | None = None
+
+    def open(self) -> None:
+        settings = self.settings
+        self._training = Service("training service", settings.training_addr, settings.rpc_timeout)
+        self._metrics = Service("metrics service", settings.metrics_addr, settings.rpc_timeout)
+        self.training_stub = training_pb2_grpc.TrainingServiceStub(self._training.channel)
+        self.metrics_stub = metrics_pb2_grpc.MetricsServiceStub(self._metrics.channel)
+
+    @property
+    def training(self) -> Service:
+        assert self._training is not None, "Upstream.open() first"
+        return self._training
+
+    @property
+    def metrics(self) -> Service:
+        assert self._metrics is not None, "Upstream.open() first"
+        return self._metrics
+
+    async def close(self) -> None:
+        for service in (self._training, self._metrics):
+            if service is not None:
+                await service.close()
+        self._training = self._metrics = None

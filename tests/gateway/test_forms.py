@@ -1,0 +1,115 @@
+"""Start and report bodies into gRPC requests: the same verdicts as the services' own rules."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway.forms import START_FIELDS, report_request, start_request
+from services.api import training_pb2
+from services.core.errors import InvalidInput
+from services.core.training_config import TRAINING_CONFIG, RunConfig
+from services.training.service import request_body
+
+BASE = {"datasetId": "small", "baseModels": ["tiny-llama"]}
+MAX_EPOCHS = TRAINING_CONFIG["limits"]["max_epochs"]
+
+
+def test_every_start_field_has_a_request_field_and_back() -> None:
+    request_fields = set(training_pb2.StartRunRequest.DESCRIPTOR.fields_by_name)
+    assert set(START_FIELDS.values()) == request_fields
+    for camel in set(START_FIELDS) - set(BASE):  # each is a field the validator accepts
+        RunConfig.from_request({**BASE, camel: None})
+    with pytest.raises(InvalidInput) as unknown:
+        start_request({**BASE, "weightDecay": 0.1})
+    assert unknown.value.field == "weightDecay"
+
+
+def test_the_service_reads_back_exactly_what_was_sent() -> None:
+    body: dict[str, Any] = {
+        **BASE,
+        "baseModels": ["tiny-llama", "tiny-gpt2"],
+        "epochs": 4,
+        "learningRate": 1,  # an int where a float is meant is still a number
+        "autoStopThreshold": 0.01,
+        "autoStopPatience": 2,
+        "minEpochs": 3,
+        "batchSize": 16,
+        "seed": 2**32 - 1,
+        "method": "full",
+        "loraRank": 4,
+        "maxSeqLength": 64,
+        "loraAlpha": 8,
+        "loraDropout": 0.1,
+        "validationSplit": 0.2,
+        "refreshInterval": 0.5,
+    }
+    request = start_request(body)
+    assert request_body(request) == body
+    assert RunConfig.from_request(request_body(request)) == RunConfig.from_request(body)
+
+
+def test_null_and_absent_take_the_defaults() -> None:
+    request = start_request({**BASE, "epochs": None, "method": None})
+    assert not request.HasField("epochs")
+    assert request.method == training_pb2.TRAINING_METHOD_UNSPECIFIED
+    assert RunConfig.from_request(request_body(request)) == RunConfig.from_request(BASE)
+
+
+@given(st.one_of(st.integers(), st.floats(allow_nan=True), st.booleans(), st.text(max_size=3)))
+def test_epochs_are_accepted_exactly_when_the_rule_says(epochs: Any) -> None:
+    valid = type(epochs) is int and 1 <= epochs <= MAX_EPOCHS
+    if valid:
+        assert start_request({**BASE, "epochs": epochs}).epochs == epochs
+    else:
+        with pytest.raises(InvalidInput) as refused:
+            start_request({**BASE, "epochs": epochs})
+        assert refused.value.field == "epochs"
+
+
+@given(st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-5, 5)))
+def test_learning_rate_must_be_positive_and_finite(rate: float) -> None:
+    if rate > 0 and rate != float("inf"):
+        assert start_request({**BASE, "learningRate": rate}).learning_rate == float(rate)
+    else:
+        with pytest.raises(InvalidInput) as refused:
+            start_request({**BASE, "learningRate": rate})
+        assert refused.value.field == "learningRate"
+
+
+def test_report_request_carries_every_value() -> None:
+    request = report_request(
+        "run-20260101-120000",
+        {
+            "epoch": 2,
+            "total_epochs": 5,
+            "val_losses": {"a": 1.5, "b": 2},
+            "train_losses": {"a": 1.6},
+            "weights": {"a": 1.2},
+            "lr_multipliers": {"a": 1.2e-4},
+            "total_loss": 1.7,
+            "auto_stop_info": {"threshold": 0.01, "patience": 3, "current_change": None},
+            "progress_percent": 40,
+        },
+    )
+    assert request.run_id == "run-20260101-120000" and request.epoch == 2
+    assert dict(request.val_losses) == {"a": 1.5, "b": 2.0}
+    assert request.total_epochs == 5 and request.total_loss == 1.7
+    assert request.auto_stop_info.patience == 3
+    assert not request.auto_stop_info.HasField("current_change")
+    assert request.progress_percent == 40.0
+
+
+@given(st.dictionaries(st.sampled_from(["a", "b", "c"]), st.floats(allow_nan=True), min_size=1))
+def test_report_losses_must_be_finite(losses: dict[str, float]) -> None:
+    finite = all(abs(v) != float("inf") and v == v for v in losses.values())
+    body = {"epoch": 1, "val_losses": losses}
+    if finite:
+        assert dict(report_request("run-20260101-120000", body).val_losses) == losses
+    else:
+        with pytest.raises(InvalidInput) as refused:
+            report_request("run-20260101-120000", body)
+        assert refused.value.field == "val_losses"
