@@ -169,6 +169,20 @@ def quiet_progress() -> Iterator[None]:
             hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
 
 
+@contextmanager
+def _quiet_load_report() -> Iterator[None]:
+    """transformers logs a table of missing or mismatched weights as a warning; the loader
+    turns those into one clear error of its own, so the table is only noise on stderr."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()  # type: ignore[no-untyped-call]
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)  # type: ignore[no-untyped-call]
+
+
 def _unloadable(info: BaseModelInfo, error: BaseException) -> InvalidInput:
     reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return InvalidInput(
@@ -202,7 +216,7 @@ def load_model(info: BaseModelInfo, device: torch.device) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 
     try:
-        with quiet_progress():
+        with quiet_progress(), _quiet_load_report():
             loaded: Any = AutoModelForCausalLM.from_pretrained(
                 info.path, local_files_only=True, dtype=torch.float32, output_loading_info=True
             )
