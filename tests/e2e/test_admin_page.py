@@ -6,14 +6,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import subprocess
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -21,7 +16,7 @@ from services.api.codec import event_to_dict, now_timestamp
 from services.metrics.views import RunState, fold
 from tests.metrics.sample_run import RUN_ID as SAMPLE_RUN_ID
 from tests.metrics.sample_run import run_events, run_message, three_epochs
-from tests.processes import ONESEEK, ServiceProcess, free_port
+from tests.processes import GatewayProcess, ServiceProcess, workspace_env
 
 pytestmark = pytest.mark.slow
 
@@ -52,85 +47,10 @@ from playwright.sync_api import (  # noqa: E402 - only once chromium is known to
 )
 
 
-class GatewayProcess:
-    """`oneseek gateway --host 127.0.0.1 --port P`; restartable on the same port."""
-
-    def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.env = env
-        self.log = log
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float = 60.0) -> GatewayProcess:
-        handle = open(self.log, "ab")  # noqa: SIM115 - owned by the child for its life
-        self.process = subprocess.Popen(
-            [ONESEEK, "gateway", "--host", "127.0.0.1", "--port", str(self.port)],
-            env={**os.environ, **self.env},
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-        )
-        handle.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"the gateway exited with {self.process.returncode}:\n{self.output()}"
-                )
-            try:
-                with urllib.request.urlopen(f"{self.url}/healthz", timeout=1) as reply:
-                    if reply.status == 200:
-                        return self
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"the gateway did not answer /healthz within {timeout} s")
-
-    def stop(self, timeout: float = 30.0) -> int:
-        assert self.process is not None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-            raise
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def get(self, path: str) -> Any:
-        request = urllib.request.Request(
-            self.url + path, headers={"Authorization": f"Bearer {TOKEN}"}
-        )
-        with urllib.request.urlopen(request, timeout=10) as reply:
-            assert reply.status == 200
-            return json.loads(reply.read())
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory, demo_models_dir: Path) -> dict[str, str]:
     root = tmp_path_factory.mktemp("admin-page")
-    models = root / "models"
-    models.mkdir()
-    for model in demo_models_dir.iterdir():
-        if (model / "config.json").exists():
-            (models / model.name).symlink_to(model, target_is_directory=True)
-    datasets = root / "datasets"
-    datasets.mkdir()
-    lines = (REPO / "datasets" / "sample.jsonl").read_text().splitlines()[:60]
-    (datasets / "small.jsonl").write_text("\n".join(lines) + "\n")
-    return {
-        "MODELS_DIR": str(models),
-        "DATASETS_DIR": str(datasets),
-        "ONESEEK_STATE_DIR": str(root / "var"),
-        "ONESEEK_DB_URL": f"sqlite:///{root / 'metrics.db'}",
-        "ONESEEK_ADMIN_TOKEN": TOKEN,
-        "ONESEEK_REPORT_TOKEN": "",
-        "LEDGER_URL": "",
-        "HF_HUB_OFFLINE": "1",
-    }
+    return workspace_env(root, demo_models_dir, ONESEEK_ADMIN_TOKEN=TOKEN)
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +63,7 @@ def gateway(
         "metrics-service", "--training-addr", training.addr, env=env, log=logs / "metrics.log"
     ).start()
     services = {"ONESEEK_TRAINING_ADDR": training.addr, "ONESEEK_METRICS_ADDR": metrics.addr}
-    gateway = GatewayProcess({**env, **services}, logs / "gateway.log").start()
+    gateway = GatewayProcess({**env, **services}, logs / "gateway.log", TOKEN).start()
     yield gateway
     assert gateway.stop() == 0, gateway.output()
     assert metrics.stop() == 0, metrics.output()

@@ -13,7 +13,7 @@ import pytest
 
 from services.api import metrics_pb2, metrics_pb2_grpc, training_pb2, training_pb2_grpc
 from services.api.codec import event_to_dict, message_to_dict
-from tests.processes import ServiceProcess
+from tests.processes import ServiceProcess, workspace_env
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -21,26 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory, demo_models_dir: Path) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("metrics-flow")
-    models = root / "models"
-    models.mkdir()
-    for model in demo_models_dir.iterdir():
-        if (model / "config.json").exists():
-            (models / model.name).symlink_to(model, target_is_directory=True)
-    datasets = root / "datasets"
-    datasets.mkdir()
-    lines = (REPO / "datasets" / "sample.jsonl").read_text().splitlines()[:60]
-    (datasets / "small.jsonl").write_text("\n".join(lines) + "\n")
-    return {
-        "MODELS_DIR": str(models),
-        "DATASETS_DIR": str(datasets),
-        "ONESEEK_STATE_DIR": str(root / "var"),
-        "ONESEEK_DB_URL": f"sqlite:///{root / 'metrics.db'}",
-        "ONESEEK_ADMIN_TOKEN": "",
-        "ONESEEK_REPORT_TOKEN": "",
-        "LEDGER_URL": "",
-        "HF_HUB_OFFLINE": "1",
-    }
+    return workspace_env(tmp_path_factory.mktemp("metrics-flow"), demo_models_dir)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from services.api import training_pb2, training_pb2_grpc
 from services.api.codec import event_to_dict
 from services.core.verify import verify_run_folder
-from tests.processes import ServiceProcess
+from tests.processes import ServiceProcess, workspace_env
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -31,24 +31,7 @@ ORDER = ["epoch_start", "epoch_end", "weight_adjustment"]
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory, demo_models_dir: Path) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("training-service")
-    models = root / "models"
-    models.mkdir()
-    for model in demo_models_dir.iterdir():
-        if (model / "config.json").exists():
-            (models / model.name).symlink_to(model, target_is_directory=True)
-    datasets = root / "datasets"
-    datasets.mkdir()
-    lines = (REPO / "datasets" / "sample.jsonl").read_text().splitlines()[:60]
-    (datasets / "small.jsonl").write_text("\n".join(lines) + "\n")
-    return {
-        "MODELS_DIR": str(models),
-        "DATASETS_DIR": str(datasets),
-        "ONESEEK_STATE_DIR": str(root / "var"),
-        "ONESEEK_ADMIN_TOKEN": "",
-        "LEDGER_URL": "",
-        "HF_HUB_OFFLINE": "1",
-    }
+    return workspace_env(tmp_path_factory.mktemp("training-service"), demo_models_dir)
 
 
 @pytest.fixture(scope="module")

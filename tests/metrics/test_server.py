@@ -8,7 +8,6 @@ hands them over (tests/metrics/test_follower.py covers the follower itself).
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import signal
 import socket
