@@ -5,6 +5,7 @@ anything reaches a service), then makes one gRPC call and answers its documented
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -20,6 +21,8 @@ from gateway.upstream import Upstream
 from services.api import metrics_pb2, training_pb2
 from services.api.codec import message_to_dict, run_status_name
 from services.core.training_config import get_config, validate_run_id
+
+log = logging.getLogger("oneseek.gateway")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -106,10 +109,25 @@ class Routes:
             timeout=self.settings.start_timeout,
             field_of=_start_field,
         )
+        await self._announce(reply.run_id)
         return json_response(
             {"success": True, "runId": reply.run_id, "status": run_status_name(reply.status)},
             status=202,
         )
+
+    async def _announce(self, run_id: str) -> None:
+        """Makes the metrics service register a run the moment it starts: it otherwise learns of
+        a run from its first event, which comes only once the worker has loaded every model
+        (minutes for real checkpoints), and the run would be missing from the run lists."""
+        up = self.upstream
+        try:
+            await up.metrics.call(
+                up.metrics_stub.GetMetrics,
+                metrics_pb2.GetMetricsRequest(run_id=run_id),
+                timeout=self.settings.health_timeout,
+            )
+        except ApiError as error:  # the run started; its first event will register it anyway
+            log.warning("metrics service not told of the new run run_id=%s: %s", run_id, error)
 
     async def stop(self, request: web.Request) -> web.StreamResponse:
         run_id = run_id_of(request)

@@ -23,9 +23,8 @@ from gateway.app import create_app
 from gateway.openapi import build_document
 from gateway.settings import GatewaySettings
 from services.api import metrics_pb2, metrics_pb2_grpc, training_pb2, training_pb2_grpc
-from tests.processes import ServiceProcess
+from tests.processes import ServiceProcess, workspace_env
 
-REPO = Path(__file__).resolve().parents[2]
 ADMIN = "admin-secret-token"
 REPORTER = "report-secret-token"
 MODELS = ["tiny-llama", "tiny-gpt2"]
@@ -64,25 +63,9 @@ class Suite:
 @pytest.fixture(scope="session")
 def suite_env(tmp_path_factory: pytest.TempPathFactory, demo_models_dir: Path) -> dict[str, str]:
     root = tmp_path_factory.mktemp("gateway-suite")
-    models = root / "models"
-    models.mkdir()
-    for model in demo_models_dir.iterdir():
-        if (model / "config.json").exists():
-            (models / model.name).symlink_to(model, target_is_directory=True)
-    datasets = root / "datasets"
-    datasets.mkdir()
-    lines = (REPO / "datasets" / "sample.jsonl").read_text().splitlines()[:60]
-    (datasets / "small.jsonl").write_text("\n".join(lines) + "\n")
-    return {
-        "MODELS_DIR": str(models),
-        "DATASETS_DIR": str(datasets),
-        "ONESEEK_STATE_DIR": str(root / "var"),
-        "ONESEEK_DB_URL": f"sqlite:///{root / 'metrics.db'}",
-        "ONESEEK_ADMIN_TOKEN": ADMIN,
-        "ONESEEK_REPORT_TOKEN": REPORTER,
-        "LEDGER_URL": "",
-        "HF_HUB_OFFLINE": "1",
-    }
+    return workspace_env(
+        root, demo_models_dir, ONESEEK_ADMIN_TOKEN=ADMIN, ONESEEK_REPORT_TOKEN=REPORTER
+    )
 
 
 @pytest.fixture(scope="session")

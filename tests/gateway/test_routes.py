@@ -147,6 +147,10 @@ async def test_start_through_the_gateway(gateway: Client, suite: Suite) -> None:
     accepted = await answer(response, 202, method="post")
     assert accepted["success"] is True and accepted["status"] == "running"
     run_id = accepted["runId"]
+    # listed at once, long before the worker has loaded its models and sent a first event
+    runs = await answer(await gateway.get("/api/training/runs"), 200)
+    listed = next(r for r in runs["runs"] if r["run_id"] == run_id)
+    assert listed["status"] == "running" and listed["last_seq"] == 0
     summary = wait_finished(suite, run_id)
     assert summary.status == training_pb2.RUN_STATUS_COMPLETED
     metrics = await answer(await gateway.get(f"/api/training/{run_id}/metrics"), 200)
