@@ -20,11 +20,13 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# The browser test drives Debian's chromium through Playwright (never `playwright install`).
+# The browser test drives Debian's chromium through Playwright (never `playwright install`);
+# the page's modules are also checked under Node.
 browser:
-	@command -v chromium >/dev/null 2>&1 || { \
-	  echo "installing Debian's chromium for the browser test"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+	@command -v chromium >/dev/null 2>&1 && command -v node >/dev/null 2>&1 || { \
+	  echo "installing Debian's chromium and nodejs for the page's tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq chromium nodejs >/dev/null; }
 
 protos: install
 	$(PYTHON) protos/generate.py

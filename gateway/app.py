@@ -38,12 +38,14 @@ class AccessLog(AbstractAccessLogger):
         )
 
 
-def create_app(settings: GatewaySettings) -> web.Application:
+def create_app(settings: GatewaySettings, *, tls_ca: bytes | None = None) -> web.Application:
+    """`tls_ca`: the CA bundle the services' TLS certificates chain to (default
+    $ONESEEK_TLS_CA; neither: plaintext gRPC)."""
     app = web.Application(
         client_max_size=settings.max_body_bytes,
         middlewares=[error_middleware(settings.max_body_bytes)],
     )
-    upstream = Upstream(settings)
+    upstream = Upstream(settings, tls_ca=tls_ca)
     feeds = RunFeeds(upstream, settings)
     app[SETTINGS] = settings
     app[UPSTREAM] = upstream

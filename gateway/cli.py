@@ -11,20 +11,39 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import re
 import signal
 import sys
 from collections.abc import Callable
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.app import AccessLog, create_app
 from gateway.settings import GatewaySettings
-from services.api.runtime import configure_logging
+from services.api.runtime import client_tls_ca, configure_logging
 
 log = logging.getLogger("oneseek.gateway")
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 SHUTDOWN_GRACE = 10.0
+
+
+_TOKEN_IN_TEXT = re.compile(r"token=[^&\s'\"]*")
+
+
+def _malformed_http_in_one_line(record: logging.LogRecord) -> bool:
+    """aiohttp logs a client's malformed HTTP (raw non-ASCII in the request line, oversized
+    headers) at ERROR with a traceback, although it is the client's mistake and is answered
+    400: one warning line says enough. The request line may carry a `?token=`: redacted."""
+    error = record.exc_info[1] if record.exc_info else None
+    if isinstance(error, HttpProcessingError) and 400 <= error.code < 500:
+        detail = _TOKEN_IN_TEXT.sub("token=<redacted>", str(error.message).splitlines()[0])[:300]
+        record.msg = f"{record.getMessage()}: answered {error.code}: {detail}"
+        record.args = None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.exc_info = record.exc_text = None
+    return True
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,12 +53,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--training-addr", help="training service (default $ONESEEK_TRAINING_ADDR)")
     parser.add_argument("--metrics-addr", help="metrics service (default $ONESEEK_METRICS_ADDR)")
+    parser.add_argument(
+        "--tls-ca", help="PEM CA bundle: reach the services over TLS (default $ONESEEK_TLS_CA)"
+    )
 
 
-async def serve(settings: GatewaySettings, ready: Callable[[int], None] | None = None) -> None:
-    """Runs the gateway until SIGTERM or SIGINT. `ready` gets the bound port."""
+async def serve(
+    settings: GatewaySettings,
+    ready: Callable[[int], None] | None = None,
+    tls_ca: bytes | None = None,
+) -> None:
+    """Runs the gateway until SIGTERM or SIGINT. `ready` gets the bound port; `tls_ca` is the
+    CA bundle of the services' TLS certificates (None: plaintext gRPC)."""
     runner = web.AppRunner(
-        create_app(settings), access_log_class=AccessLog, shutdown_timeout=SHUTDOWN_GRACE
+        create_app(settings, tls_ca=tls_ca),
+        access_log_class=AccessLog,
+        shutdown_timeout=SHUTDOWN_GRACE,
     )
     await runner.setup()
     stopping = asyncio.Event()
@@ -69,6 +98,7 @@ async def serve(settings: GatewaySettings, ready: Callable[[int], None] | None =
 
 def run(args: argparse.Namespace) -> int:
     configure_logging("gateway")
+    logging.getLogger("aiohttp.server").addFilter(_malformed_http_in_one_line)
     try:
         settings = GatewaySettings.from_env(
             host=getattr(args, "host", None),
@@ -76,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
             training=getattr(args, "training_addr", None),
             metrics=getattr(args, "metrics_addr", None),
         )
-    except ValueError as error:
+        tls_ca = client_tls_ca(getattr(args, "tls_ca", None))
+    except ValueError as error:  # InvalidInput is a ValueError too
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     problem = settings.startup_problem()
@@ -84,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
-        asyncio.run(serve(settings))
+        asyncio.run(serve(settings, tls_ca=tls_ca))
     except OSError as error:
         print(
             f"error: the gateway cannot listen on {settings.host}:{settings.port}: {error}",

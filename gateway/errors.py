@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 from aiohttp import web
 
+from services.api.runtime import FIELD_METADATA_KEY
 from services.core.errors import InvalidInput, NotFound, OneSeekError
 
 log = logging.getLogger("oneseek.gateway")
@@ -54,9 +55,6 @@ STATUS_OF_GRPC: dict[grpc.StatusCode, int] = {
 }
 """gRPC status -> HTTP status. Anything else (INTERNAL, UNKNOWN, DATA_LOSS) is the service's
 fault, not the caller's: 502."""
-
-FIELD_METADATA_KEY = "oneseek-field"
-"""Trailing metadata a service may set to name the request field an error is about."""
 
 
 class ApiError(Exception):
@@ -97,11 +95,9 @@ def from_rpc(
     error: grpc.aio.AioRpcError,
     service: str,
     addr: str,
-    field_of: Callable[[grpc.StatusCode, str], str | None] | None = None,
 ) -> ApiError:
-    """The HTTP answer to a failed call to `service` (e.g. "training service") at `addr`.
-
-    `field_of` names the request field when the service did not (see FIELD_METADATA_KEY)."""
+    """The HTTP answer to a failed call to `service` (e.g. "training service") at `addr`; the
+    field comes from the service's trailing metadata (FIELD_METADATA_KEY)."""
     code = error.code()
     status = STATUS_OF_GRPC.get(code, 502)
     details = error.details() or code.name
@@ -118,10 +114,7 @@ def from_rpc(
         )
     elif status == 502:
         details = f"The {service} failed: {details}"
-    field = _metadata_field(error)
-    if field is None and field_of is not None:
-        field = field_of(code, details)
-    return ApiError(status, details, field=field)
+    return ApiError(status, details, field=_metadata_field(error))
 
 
 def _from_http(error: web.HTTPException, request: web.Request, max_body: int) -> ApiError:

@@ -29,7 +29,13 @@ from gateway.frames import text_frame
 from gateway.settings import GatewaySettings
 from gateway.upstream import Upstream
 from services.api import metrics_pb2, training_pb2
-from services.api.codec import event_to_dict, format_timestamp, now_timestamp, run_status_name
+from services.api.codec import (
+    event_to_dict,
+    format_timestamp,
+    message_to_dict,
+    now_timestamp,
+    run_status_name,
+)
 from services.metrics.views import RunState
 
 log = logging.getLogger("oneseek.gateway.feeds")
@@ -103,6 +109,13 @@ class RunFeed:
         self._target_seq = 0
         self._snapshot_status: str | None = None
         self._initial: tuple[int, bytes] | None = None
+        self._leaderboard: tuple[int, bytes] | None = None
+        self._upstream_seq: int | None = None
+        """The metrics service's seq when the current Subscribe stream began; None while there
+        is no stream (the service is down): the feed's state may be stale then."""
+        self.written = 0
+        """The last seq this gateway stored for the run (a report it acknowledged): reads
+        from the feed wait for the stream to bring it, so a reporter reads its own write."""
         self._broken = False
         self._ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._task = asyncio.create_task(self._run(), name=f"feed-{run_id}")
@@ -165,6 +178,20 @@ class RunFeed:
             self._initial = (last, text_frame(encode(event_to_dict(event))))
         return self._initial[1]
 
+    def leaderboard_body(self) -> bytes | None:
+        """GET …/leaderboard's JSON body at the current seq, encoded once per seq; None
+        while the feed is not ready or has not yet received the run's last acknowledged
+        report."""
+        if self.state is None or not self._ready.done() or self.failed:
+            return None
+        last = self.state.last_seq
+        # no stream (the service is down, its answer a 503) or not caught up with it yet
+        if self._upstream_seq is None or last < max(self.written, self._upstream_seq):
+            return None
+        if self._leaderboard is None or self._leaderboard[0] != last:
+            self._leaderboard = (last, encode(message_to_dict(self.state.leaderboard())))
+        return self._leaderboard[1]
+
     def heartbeat(self) -> None:
         if self.state is None or not self.subscribers:
             return
@@ -205,6 +232,7 @@ class RunFeed:
     def _receive(self, event: training_pb2.TrainingEvent) -> None:
         kind = event.WhichOneof("payload")
         if kind == "initial_state":
+            self._upstream_seq = event.seq
             if self.state is None:
                 self._start_state(event)
             return  # after a re-subscription the feed's own state is already further on
@@ -281,6 +309,7 @@ class RunFeed:
                     )
             finally:
                 call.cancel()
+                self._upstream_seq = None
             if not self._ready.done():
                 self._fail(problem)
                 return
@@ -326,6 +355,31 @@ class RunFeeds:
             raise GatewayClosing(_CLOSING)
         feed.attach(subscriber, since)
         return feed
+
+    async def leaderboard(self, run_id: str) -> bytes | None:
+        """The run's leaderboard body from its feed (created if need be, and kept while it is
+        asked for), so a GET costs no call to the metrics service; None when the feed cannot
+        answer (unknown run, service down): the caller asks the service, which says why."""
+        if self.closed:
+            return None
+        feed = self.feeds.get(run_id)
+        if feed is None or feed.failed:
+            feed = self.feeds[run_id] = RunFeed(run_id, self.upstream, self.settings)
+        if not feed.subscribers:
+            feed.idle_since = time.monotonic()  # a polled feed is not idle
+        try:
+            await feed.ready(min(self.settings.ready_timeout, self.settings.rpc_timeout))
+        except FeedError:
+            if feed.failed and self.feeds.get(run_id) is feed and feed.waiting == 0:
+                self._retire(feed)
+            return None
+        return feed.leaderboard_body()
+
+    def written(self, run_id: str, seq: int) -> None:
+        """A report of `run_id` was stored under `seq` through this gateway."""
+        feed = self.feeds.get(run_id)
+        if feed is not None:  # a feed made later replays it before it is ready
+            feed.written = max(feed.written, seq)
 
     def _retire(self, feed: RunFeed) -> None:
         if self.feeds.get(feed.run_id) is feed:

@@ -111,6 +111,7 @@ def _auto_stop(value: object) -> training_pb2.AutoStopInfo:
             f"{field} must be an object with {', '.join(AUTO_STOP_FIELDS)}, got {value!r}.",
             field=field,
         )
+    value = _snake_cased(value, AUTO_STOP_FIELDS)
     unknown = [key for key in value if key not in AUTO_STOP_FIELDS]
     if unknown:
         raise InvalidInput(
@@ -131,8 +132,31 @@ def _auto_stop(value: object) -> training_pb2.AutoStopInfo:
     return info
 
 
+def _snake_case(name: str) -> str:
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in name)
+
+
+def _snake_cased(body: Mapping[Any, Any], allowed: tuple[str, ...]) -> dict[Any, Any]:
+    """`body` with its allowed fields under their snake_case names. A report is an epoch_end
+    as the events spell it (snake_case), but request bodies are camelCase elsewhere: both
+    spellings are taken; a field given in both is refused. Other keys are left as they are."""
+    fields: dict[Any, Any] = {}
+    for key, value in body.items():
+        name = key
+        if isinstance(key, str) and _snake_case(key) in allowed:
+            name = _snake_case(key)
+        if name in fields:
+            raise InvalidInput(
+                f"{name} is given twice (also in camelCase); give it once.", field=key
+            )
+        fields[name] = value
+    return fields
+
+
 def report_request(run_id: str, body: Mapping[str, Any]) -> metrics_pb2.ReportMetricsRequest:
-    """The ReportMetricsRequest of a report body; InvalidInput naming the field if not."""
+    """The ReportMetricsRequest of a report body (snake_case or camelCase fields);
+    InvalidInput naming the field if not."""
+    body = _snake_cased(body, REPORT_FIELDS)
     for key in body:
         if key not in REPORT_FIELDS:
             raise InvalidInput(

@@ -289,7 +289,8 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 
 
 _ERROR_RESPONSES = {
-    "400": "Bad input: the `field` names the request field and `message` what is allowed.",
+    "400": "Bad input: the `field` names the request field and `message` what is allowed "
+    "(on /ws/training: a plain GET that is not a websocket upgrade).",
     "401": "Missing or wrong bearer token.",
     "403": "Refused: a cross-site request, or a non-loopback Host without a token.",
     "404": "Unknown run, model, dataset or route.",
@@ -451,7 +452,7 @@ def build_document() -> dict[str, Any]:
                 security=ADMIN,
                 status=202,
                 parameters=[_RUN_ID],
-                errors=(400, 401, 403, 404, 409, 501, 502, 503),
+                errors=(400, 401, 403, 404, 409, 502, 503),
             )
         },
         "/api/training/runs": {
@@ -511,7 +512,8 @@ def build_document() -> dict[str, Any]:
                 "initial_state first, then every later event in seq order; with since, exactly "
                 "the events after since. Heartbeat every 30 s. Close 1008: no, invalid or "
                 "unknown runId (the last two after one error message); 1013: too slow or "
-                "metrics service unavailable (reconnect with since); 1001: gateway shutdown.",
+                "metrics service unavailable (reconnect with since); 1001: gateway shutdown. "
+                "429 before the upgrade: this address holds ONESEEK_WS_MAX_PER_IP websockets.",
                 "security": READ,
                 "parameters": [
                     {**_RUN_ID, "in": "query", "required": False},
@@ -535,7 +537,7 @@ def build_document() -> dict[str, Any]:
                         "description": "Switching to the websocket protocol.",
                         "content": {"application/json": {"schema": _ref("WebSocketMessage")}},
                     },
-                    **_errors(401, 403),
+                    **_errors(400, 401, 403, 429),
                 },
             }
         },

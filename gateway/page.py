@@ -43,6 +43,10 @@ async def security_headers(request: web.Request, response: web.StreamResponse) -
     headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
     if request.path.startswith("/api/"):
         headers.setdefault("Cache-Control", "no-store")
+    elif request.path.startswith("/static/"):
+        # revalidate every time (a 304 when unchanged): a new deployment's scripts are seen at
+        # once, never mixed with an old cached index or module
+        headers.setdefault("Cache-Control", "no-cache")
 
 
 def page_routes(static_dir: Path) -> list[web.AbstractRouteDef]:

@@ -9,12 +9,12 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import grpc
 from aiohttp import web
 
 from gateway.auth import Access, authorize
-from gateway.bodies import json_response, read_object
+from gateway.bodies import JSON_TYPE, json_response, read_object
 from gateway.errors import ApiError
+from gateway.feeds import RunFeeds
 from gateway.forms import report_request, start_request
 from gateway.settings import GatewaySettings
 from gateway.upstream import Upstream
@@ -30,14 +30,10 @@ ARTIFACTS = ("live_metrics.json", "training_results.json", "oneseek_dna.json", "
 RUNNING = training_pb2.RUN_STATUS_RUNNING
 
 
-def _start_field(code: grpc.StatusCode, message: str) -> str | None:
-    """The start-body field a training-service refusal is about. The service's gRPC errors
-    carry no field; its messages name the subject first ("Base model 'x' …", "Dataset …")."""
-    if message.startswith(("Base model", "No base models", "Too many base models")):
-        return "baseModels"
-    if message.startswith("Dataset") or message.startswith("Record"):
-        return "datasetId"
-    return None
+def _feeds(request: web.Request) -> RunFeeds:
+    from gateway.app import FEEDS  # at call time: gateway.app imports this module
+
+    return request.app[FEEDS]
 
 
 def run_id_of(request: web.Request) -> str:
@@ -107,7 +103,6 @@ class Routes:
             message,
             token=self.settings.admin_token,
             timeout=self.settings.start_timeout,
-            field_of=_start_field,
         )
         await self._announce(reply.run_id)
         return json_response(
@@ -162,8 +157,7 @@ class Routes:
         return json_response(
             {
                 "active": [message_to_dict(run) for run in reply.runs],
-                # the service's own limit is not in its API yet: the configured default
-                "max_active_runs": get_config()["defaults"]["max_active_runs"],
+                "max_active_runs": reply.max_active_runs,
             }
         )
 
@@ -193,6 +187,10 @@ class Routes:
 
     async def leaderboard(self, request: web.Request) -> web.StreamResponse:
         run_id = run_id_of(request)
+        # answered from the run's live feed when it can be: no gRPC call per GET (bench/README)
+        body = await _feeds(request).leaderboard(run_id)
+        if body is not None:
+            return web.Response(body=body, content_type=JSON_TYPE)
         up = self.upstream
         reply = await up.metrics.call(
             up.metrics_stub.GetLeaderboard, metrics_pb2.GetLeaderboardRequest(run_id=run_id)
@@ -227,6 +225,7 @@ class Routes:
             message,
             token=self.settings.admin_token or self.settings.report_token,
         )
+        _feeds(request).written(run_id, reply.seq)
         return json_response({"success": reply.success, "seq": reply.seq})
 
     # ---- liveness -----------------------------------------------------------------------------

@@ -15,6 +15,9 @@ from services.api.runtime import admin_token, metrics_addr, report_token, traini
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 3001
+DEFAULT_WS_MAX_PER_IP = 64
+"""A person has a few tabs open, an office behind one NAT a few dozen; a script opening
+sockets in a loop is stopped here."""
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 
@@ -60,6 +63,10 @@ class GatewaySettings:
     """A run's feed with no client stays subscribed this long, for quick reconnects."""
     resubscribe_initial: float = 0.1
     resubscribe_max: float = 5.0
+    ws_max_per_ip: int = DEFAULT_WS_MAX_PER_IP
+    """Open websockets one client address may hold at once (0: no limit); one more is refused
+    with 429 before the upgrade. Behind a reverse proxy every client has the proxy's address:
+    limit there instead and raise or disable this one (ONESEEK_WS_MAX_PER_IP)."""
     static_dir: Path = STATIC_DIR
 
     @property
@@ -87,7 +94,8 @@ class GatewaySettings:
         metrics: str | None = None,
     ) -> GatewaySettings:
         """Flags first, then ONESEEK_GATEWAY_HOST / _PORT, ONESEEK_TRAINING_ADDR / _METRICS_ADDR,
-        ONESEEK_ADMIN_TOKEN and ONESEEK_REPORT_TOKEN, then the defaults."""
+        ONESEEK_ADMIN_TOKEN, ONESEEK_REPORT_TOKEN and ONESEEK_WS_MAX_PER_IP, then the
+        defaults."""
         env_port = os.environ.get("ONESEEK_GATEWAY_PORT")
         if port is None and env_port:
             try:
@@ -96,6 +104,12 @@ class GatewaySettings:
                 raise ValueError(
                     f"ONESEEK_GATEWAY_PORT must be a port number, got {env_port!r}."
                 ) from None
+        per_ip = os.environ.get("ONESEEK_WS_MAX_PER_IP") or str(DEFAULT_WS_MAX_PER_IP)
+        if not per_ip.isascii() or not per_ip.isdigit() or len(per_ip) > 9:
+            raise ValueError(
+                "ONESEEK_WS_MAX_PER_IP must be the number of websockets one address may hold "
+                f"open (0 for no limit), got {per_ip!r}."
+            )
         return cls(
             host=host or os.environ.get("ONESEEK_GATEWAY_HOST") or DEFAULT_HOST,
             port=DEFAULT_PORT if port is None else port,
@@ -103,4 +117,5 @@ class GatewaySettings:
             metrics_addr=metrics or metrics_addr(),
             admin_token=admin_token(),
             report_token=report_token(),
+            ws_max_per_ip=int(per_ip),
         )

@@ -7,21 +7,19 @@ a few seconds (gRPC's default cap is two minutes), so the gateway recovers promp
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import Any, Protocol, TypeVar
 
-import grpc
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.errors import from_rpc
 from gateway.settings import GatewaySettings
 from services.api import metrics_pb2_grpc, training_pb2_grpc
-from services.api.runtime import CHANNEL_OPTIONS, bearer
+from services.api.runtime import CHANNEL_OPTIONS, bearer, client_channel, client_tls_ca
 
 Reply = TypeVar("Reply")
 Reply_co = TypeVar("Reply_co", covariant=True)
-FieldOf = Callable[[grpc.StatusCode, str], "str | None"]
 
 _RECONNECT = [
     ("grpc.initial_reconnect_backoff_ms", 200),
@@ -39,11 +37,15 @@ class _UnaryCall(Protocol[Reply_co]):
 class Service:
     """One service's channel, and calls on it that fail as ApiError."""
 
-    def __init__(self, name: str, addr: str, timeout: float) -> None:
+    def __init__(
+        self, name: str, addr: str, timeout: float, root_certificates: bytes | None = None
+    ) -> None:
         self.name = name
         self.addr = addr
         self.timeout = timeout
-        self.channel = aio.insecure_channel(addr, options=[*CHANNEL_OPTIONS, *_RECONNECT])
+        self.channel = client_channel(
+            addr, root_certificates, options=[*CHANNEL_OPTIONS, *_RECONNECT]
+        )
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
     async def call(
@@ -53,13 +55,12 @@ class Service:
         *,
         token: str | None = None,
         timeout: float | None = None,
-        field_of: FieldOf | None = None,
     ) -> Reply:
         """`method(request)` with a deadline and, when given, `token` as bearer metadata."""
         try:
             return await method(request, timeout=timeout or self.timeout, metadata=bearer(token))
         except aio.AioRpcError as error:
-            raise from_rpc(error, self.name, self.addr, field_of) from None
+            raise from_rpc(error, self.name, self.addr) from None
 
     async def healthy(self, timeout: float) -> bool:
         """Whether the service's standard health check says SERVING right now."""
@@ -80,15 +81,21 @@ class Upstream:
     training_stub: training_pb2_grpc.TrainingServiceAsyncStub
     metrics_stub: metrics_pb2_grpc.MetricsServiceAsyncStub
 
-    def __init__(self, settings: GatewaySettings) -> None:
+    def __init__(self, settings: GatewaySettings, *, tls_ca: bytes | None = None) -> None:
         self.settings = settings
+        # the services' CA (TLS) from ONESEEK_TLS_CA unless given; None: plaintext
+        self.tls_ca = tls_ca if tls_ca is not None else client_tls_ca()
         self._training: Service | None = None
         self._metrics: Service | None = None
 
     def open(self) -> None:
         settings = self.settings
-        self._training = Service("training service", settings.training_addr, settings.rpc_timeout)
-        self._metrics = Service("metrics service", settings.metrics_addr, settings.rpc_timeout)
+        self._training = Service(
+            "training service", settings.training_addr, settings.rpc_timeout, self.tls_ca
+        )
+        self._metrics = Service(
+            "metrics service", settings.metrics_addr, settings.rpc_timeout, self.tls_ca
+        )
         self.training_stub = training_pb2_grpc.TrainingServiceStub(self._training.channel)
         self.metrics_stub = metrics_pb2_grpc.MetricsServiceStub(self._metrics.channel)
 

@@ -9,7 +9,9 @@ reconnects with `since`) and nobody else ever waits for it.
 
 Close codes: 1008 no or invalid runId, bad since, unknown run (the last two after one
 `{"type": "error"}` message); 1013 too slow, or the metrics service is unavailable (try again
-later); 1001 gateway shutdown.
+later); 1001 gateway shutdown. An address that already holds `ws_max_per_ip` websockets is
+refused before the upgrade: 429 with the JSON error envelope and Retry-After, which costs the
+gateway no websocket at all (a close code would need the upgrade first).
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
 import logging
 import socket
 
 from aiohttp import WSMsgType, web
 
 from gateway.auth import Access, authorize
+from gateway.errors import ApiError
 from gateway.feeds import FeedError, RunFeeds, error_message
 from gateway.frames import payload_of
 from gateway.settings import GatewaySettings
@@ -41,6 +45,49 @@ mark): frames go straight to its socket."""
 
 
 _CLOSE_CODES = {"not_found": POLICY_VIOLATION, "going_away": GOING_AWAY}
+RETRY_AFTER_SECONDS = 5
+
+
+class OpenSockets:
+    """How many websockets each client address holds open, against the per-address limit."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.by_address: dict[str, int] = {}
+        self._refusing: set[str] = set()  # warned about once, until it is under the limit again
+
+    def take(self, address: str) -> bool:
+        """Counts one more socket of `address`; False (nothing counted) when it is at the limit."""
+        held = self.by_address.get(address, 0)
+        if self.limit and held >= self.limit:
+            if address not in self._refusing:
+                self._refusing.add(address)
+                log.warning("websocket refused: %d open from %s (the limit)", held, address)
+            return False
+        self.by_address[address] = held + 1
+        return True
+
+    def give_back(self, address: str) -> None:
+        held = self.by_address.get(address, 0) - 1
+        if held > 0:
+            self.by_address[address] = held
+        else:
+            self.by_address.pop(address, None)
+        if held < self.limit:
+            self._refusing.discard(address)
+
+    def refusal(self) -> web.Response:
+        problem = ApiError(
+            429,
+            f"This address already has {self.limit} websockets open, the most one address may "
+            "hold: close one, or reconnect in a moment.",
+        )
+        return web.Response(
+            body=json.dumps(problem.envelope()).encode(),
+            status=429,
+            content_type="application/json",
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        )
 
 
 class SocketClient:
@@ -78,6 +125,12 @@ class SocketClient:
         if replay:
             self._replayed += 1
         elif len(self._backlog) - self._replayed >= self.settings.client_queue_size:
+            log.warning(
+                "websocket client too slow, closing 1013 peer=%s seq=%s queued=%d",
+                self.request.remote,
+                seq,
+                len(self._backlog),
+            )
             self.end(
                 TRY_AGAIN_LATER,
                 f"Too slow: {self.settings.client_queue_size} messages waiting. "
@@ -183,9 +236,19 @@ def _cap_send_buffer(request: web.Request, size: int) -> None:
 
 def training_feed(settings: GatewaySettings, feeds: RunFeeds) -> web.RouteDef:
     """The route of the websocket feed."""
+    sockets = OpenSockets(settings.ws_max_per_ip)
 
     async def handler(request: web.Request) -> web.StreamResponse:
         authorize(request, Access.READ, settings, websocket=True)  # refused before the upgrade
+        address = request.remote or ""
+        if not sockets.take(address):
+            return sockets.refusal()
+        try:
+            return await serve(request)
+        finally:
+            sockets.give_back(address)
+
+    async def serve(request: web.Request) -> web.StreamResponse:
         ws = web.WebSocketResponse(
             compress=False,  # one encoded frame for every client; deflate is per connection
             writer_limit=0,  # the backlog's sends wait for a backed-up socket, every time

@@ -182,6 +182,21 @@ def _lazy(module: str) -> Callable[[argparse.Namespace], int]:
     return call
 
 
+def _tls_server_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tls-cert", help="PEM certificate chain: serve gRPC over TLS (default $ONESEEK_TLS_CERT)"
+    )
+    parser.add_argument(
+        "--tls-key", help="PEM private key of --tls-cert (default $ONESEEK_TLS_KEY)"
+    )
+
+
+def _tls_client_flag(parser: argparse.ArgumentParser, whom: str) -> None:
+    parser.add_argument(
+        "--tls-ca", help=f"PEM CA bundle: reach {whom} over TLS (default $ONESEEK_TLS_CA)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="oneseek", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -216,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--addr", help="listen address (default $ONESEEK_TRAINING_ADDR)")
     common(training)
     training.add_argument("--max-active-runs", type=int, help="concurrent runs (default 1)")
+    _tls_server_flags(training)
     training.add_argument(
         "--shutdown-grace",
         type=float,
@@ -232,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     metrics.add_argument(
         "--db-url", help="sqlite:///path (default $ONESEEK_DB_URL or sqlite:///var/metrics.db)"
     )
+    _tls_server_flags(metrics)
+    _tls_client_flag(metrics, "the training service")
     metrics.set_defaults(func=_lazy("services.metrics.server"))
 
     gateway = sub.add_parser("gateway", help="serve the REST routes, websocket and admin page")
@@ -241,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--training-addr", help="training service (default $ONESEEK_TRAINING_ADDR)"
     )
     gateway.add_argument("--metrics-addr", help="metrics service (default $ONESEEK_METRICS_ADDR)")
+    _tls_client_flag(gateway, "the services")
     gateway.set_defaults(func=_lazy("gateway.cli"))
 
     up = sub.add_parser("up", help="start the whole suite for local use")

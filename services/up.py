@@ -4,6 +4,10 @@ Creates the demo assets when MODELS_DIR has no base model, creates the admin tok
 is set (kept in $ONESEEK_STATE_DIR/admin_token, mode 0600), starts the training service, the
 metrics service and the gateway as child processes, waits until all three are healthy,
 prints the page's URL, and stops all three cleanly on Ctrl-C or SIGTERM (or when one dies).
+
+With ONESEEK_TLS_CERT/ONESEEK_TLS_KEY set both services serve TLS, and the metrics service,
+the gateway and the health checks here trust ONESEEK_TLS_CA (default: the certificate itself,
+which is right for a self-signed one).
 """
 
 from __future__ import annotations
@@ -23,7 +27,16 @@ from types import FrameType
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.api.runtime import metrics_addr, training_addr
+from services.api.runtime import (
+    TLS_CA_ENV,
+    TLS_CERT_ENV,
+    blocking_channel,
+    client_tls_ca,
+    metrics_addr,
+    server_tls,
+    training_addr,
+)
+from services.core.errors import InvalidInput
 
 STOP_GRACE = 45.0  # the training service stops active runs cleanly within 30 s by default
 
@@ -43,6 +56,8 @@ def ensure_admin_token() -> str:
         return token
     path = admin_token_file()
     if path.exists():
+        if path.stat().st_mode & 0o077:
+            path.chmod(0o600)  # a copied or restored file: the token is for this user only
         return path.read_text(encoding="utf-8").strip()
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     token = secrets.token_urlsafe(32)
@@ -52,8 +67,10 @@ def ensure_admin_token() -> str:
     return token
 
 
-def _wait_grpc(addr: str, process: subprocess.Popen[bytes], deadline: float) -> None:
-    with grpc.insecure_channel(addr) as channel:
+def _wait_grpc(
+    addr: str, process: subprocess.Popen[bytes], deadline: float, ca: bytes | None = None
+) -> None:
+    with blocking_channel(addr, ca) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if process.poll() is not None:
@@ -90,6 +107,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"No base model in {models_root}: creating the demo models...", flush=True)
         create_demo_assets(models_root, datasets_root)
     token = ensure_admin_token()
+    tls_env: dict[str, str] = {}
+    try:
+        if server_tls() is not None and not os.environ.get(TLS_CA_ENV):
+            tls_env[TLS_CA_ENV] = os.environ[TLS_CERT_ENV]  # self-signed: its own CA
+        ca = client_tls_ca(tls_env.get(TLS_CA_ENV))
+    except InvalidInput as error:
+        print(f"error: {error.message}", file=sys.stderr)
+        return 2
     host = args.host or os.environ.get("ONESEEK_GATEWAY_HOST") or "127.0.0.1"
     port = args.port or int(os.environ.get("ONESEEK_GATEWAY_PORT") or 3001)
     train_at, metrics_at = training_addr(), metrics_addr()
@@ -100,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
         "ONESEEK_ADMIN_TOKEN": token,
         "ONESEEK_TRAINING_ADDR": train_at,
         "ONESEEK_METRICS_ADDR": metrics_at,
+        **tls_env,
     }
     cli = [sys.executable, "-m", "services.cli"]
     commands = {
@@ -122,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
             if name == "gateway":
                 _wait_http(f"http://{host}:{port}/healthz", children[name], deadline)
             else:
-                _wait_grpc(command[-1], children[name], deadline)
+                _wait_grpc(command[-1], children[name], deadline, ca)
         url = f"http://{host}:{port}/#token={token}"
         print(f"\nOneSeek is up: {url}\n(Ctrl-C stops the suite)\n", flush=True)
         while not stopping:

@@ -132,7 +132,9 @@ class GatewayProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 60.0) -> GatewayProcess:
+    def start(self, timeout: float = 60.0, ready: str = "/healthz") -> GatewayProcess:
+        """Starts the gateway and waits until `ready` answers 200 (/healthz: both services
+        answer too; /api/config: the gateway alone)."""
         handle = open(self.log, "ab")  # noqa: SIM115 - owned by the child for its life
         self.process = subprocess.Popen(
             [ONESEEK, "gateway", "--host", "127.0.0.1", "--port", str(self.port)],
@@ -148,13 +150,14 @@ class GatewayProcess:
                     f"the gateway exited with {self.process.returncode}:\n{self.output()}"
                 )
             try:
-                with urllib.request.urlopen(f"{self.url}/healthz", timeout=1) as reply:
+                with urllib.request.urlopen(f"{self.url}{ready}", timeout=1) as reply:
                     if reply.status == 200:
                         return self
             except (urllib.error.URLError, OSError):
                 pass
             time.sleep(0.1)
-        raise TimeoutError(f"the gateway did not answer /healthz within {timeout} s")
+        self.kill()
+        raise TimeoutError(f"the gateway did not answer {ready} within {timeout} s")
 
     def stop(self, timeout: float = 30.0) -> int:
         assert self.process is not None

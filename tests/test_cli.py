@@ -138,3 +138,26 @@ def test_a_model_that_fails_to_load_is_bad_input_and_leaves_no_folder(
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "tiny-wrong-shape" in err and "\n" not in err
     assert certified(env) == []
+
+
+def test_service_commands_take_the_tls_flags() -> None:
+    from services.cli import build_parser
+
+    parser = build_parser()
+    training = parser.parse_args(["training-service", "--tls-cert", "c.pem", "--tls-key", "k.pem"])
+    assert (training.tls_cert, training.tls_key) == ("c.pem", "k.pem")
+    metrics = parser.parse_args(
+        ["metrics-service", "--tls-cert", "c.pem", "--tls-key", "k.pem", "--tls-ca", "ca.pem"]
+    )
+    assert (metrics.tls_cert, metrics.tls_key, metrics.tls_ca) == ("c.pem", "k.pem", "ca.pem")
+    assert parser.parse_args(["gateway", "--tls-ca", "ca.pem"]).tls_ca == "ca.pem"
+
+
+def test_an_unreadable_tls_ca_is_bad_input(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("ONESEEK_TLS_CA", raising=False)
+    missing = tmp_path / "ca.pem"
+    assert main(["gateway", "--port", "0", "--tls-ca", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert "--tls-ca" in err and str(missing) in err

@@ -108,6 +108,8 @@ export const api = {
   start: (body) => request("/api/admin/training/start-dna-v2", { method: "POST", body }),
   stop: (runId) =>
     request(`/api/admin/training/${encodeURIComponent(runId)}/stop`, { method: "POST" }),
+  resume: (runId) =>
+    request(`/api/admin/training/${encodeURIComponent(runId)}/resume`, { method: "POST" }),
   artifact: (runId, name) =>
     request(`/api/training/${encodeURIComponent(runId)}/artifacts/${encodeURIComponent(name)}`),
 };

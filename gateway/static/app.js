@@ -101,6 +101,7 @@ function showTokenState() {
   $("#token-form").hidden = has;
   $("#token-set").hidden = !has;
   renderStopButton();
+  renderResumeButton();
 }
 
 function showTokenError(message) {
@@ -218,6 +219,43 @@ $("#stop-button").addEventListener("click", async () => {
     button.textContent = "Stop run";
   }
   renderStopButton();
+  renderResumeButton();
+});
+
+// an interrupted run, or one whose worker died, continues from its last completed epoch
+const RESUMABLE = new Set(["interrupted", "failed"]);
+
+function renderResumeButton() {
+  const button = $("#resume-button");
+  const resumable = RESUMABLE.has(page.run?.status);
+  if (!resumable) button.classList.remove("is-busy");
+  button.hidden = !resumable;
+  button.disabled = !getToken() || button.classList.contains("is-busy");
+  button.title = getToken() ? "" : "Enter the admin token to resume runs";
+}
+
+$("#resume-button").addEventListener("click", async () => {
+  const button = $("#resume-button");
+  const run = page.run;
+  if (!run || button.classList.contains("is-busy")) return;
+  button.classList.add("is-busy");
+  button.textContent = "Resuming…";
+  button.disabled = true;
+  try {
+    await api.resume(run.runId);
+    announce(`${run.runId} resumed from its last completed epoch.`);
+    // the feed closed when the run ended: follow the run again from the start
+    page.feed?.close("idle");
+    page.feed = null;
+    selectRun(run.runId);
+    refreshHistory();
+  } catch (error) {
+    showRunError(error.message);
+  } finally {
+    button.classList.remove("is-busy");
+    button.textContent = "Resume run";
+    renderResumeButton();
+  }
 });
 
 // --- the run on screen -----------------------------------------------------------------------
@@ -543,6 +581,7 @@ function renderAll() {
   renderBoard(run);
   renderCharts(run);
   renderStopButton();
+  renderResumeButton();
   renderFeedStatus();
   if (run.error) showRunError(run.error);
 }

@@ -1,7 +1,13 @@
 // One run as its websocket events describe it. Pure: no DOM, no clock except what callers pass,
 // so a replay after a reconnect lands on exactly the state a page that never blinked would have.
 
-export const TERMINAL_STATUSES = new Set(["completed", "auto_stopped", "stopped", "failed"]);
+export const TERMINAL_STATUSES = new Set([
+  "completed",
+  "auto_stopped",
+  "stopped",
+  "failed",
+  "interrupted",
+]);
 
 export function createRun(runId) {
   return {
@@ -113,6 +119,8 @@ export function applyEvent(run, event, now = 0) {
   run.updatedAt = event.timestamp ?? run.updatedAt;
   switch (type) {
     case "epoch_start":
+      // after a terminal event only a resumed run starts an epoch: it trains again
+      if (isFinished(run)) resumeRun(run, event);
       run.status = run.status ?? "running";
       run.runningEpoch = event.epoch;
       if (event.total_epochs) run.totalEpochs = event.total_epochs;
@@ -139,6 +147,7 @@ export function applyEvent(run, event, now = 0) {
       break;
     case "training_complete":
       run.status = event.status ?? "completed";
+      run.error = null; // a resumed run that ended well is no longer failed
       run.bestModel = event.best_model ?? null;
       run.dna = event.dna || null;
       run.runDir = event.run_dir || null;
@@ -164,6 +173,19 @@ export function applyEvent(run, event, now = 0) {
       return null; // a newer gateway's event this page does not know: ignore, keep the seq
   }
   return type;
+}
+
+function resumeRun(run, event) {
+  run.status = "running";
+  run.error = null;
+  run.bestModel = null;
+  run.dna = null;
+  run.runDir = null;
+  run.durationSeconds = null;
+  run.epochsRun = null;
+  run.progress = null;
+  const total = event.total_epochs || run.totalEpochs;
+  if (total) run.progressPercent = (100 * ((event.epoch ?? 1) - 1)) / total;
 }
 
 export function isFinished(run) {

@@ -1,23 +1,34 @@
-"""What both gRPC servers and every client share: options, auth, health, reflection, addresses.
+"""What both gRPC servers and every client share: options, auth, TLS, health, reflection,
+addresses, and the error answer that names its field.
 
 Keepalive and message sizes are set deliberately: streams are long-lived (a run lasts hours),
 so both ends ping an idle connection and a dead peer is noticed within about a minute; events
 are small, so 16 MiB is generous for a full metrics history and refuses absurd messages.
+
+TLS is optional: a server given a certificate and key (`--tls-cert/--tls-key` or
+ONESEEK_TLS_CERT/ONESEEK_TLS_KEY) listens with TLS only; a client given a CA bundle
+(`--tls-ca` or ONESEEK_TLS_CA) connects with TLS and trusts that bundle only. Without them
+everything is plaintext, which is safe only on loopback.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import os
 from collections.abc import Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
+
+from services.core.errors import InvalidInput
 
 DEFAULT_TRAINING_ADDR = "127.0.0.1:50051"
 DEFAULT_METRICS_ADDR = "127.0.0.1:50052"
@@ -64,20 +75,145 @@ def insecure_channel(addr: str) -> aio.Channel:
     return aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
 
 
+# ---- TLS ------------------------------------------------------------------------------------
+
+TLS_CERT_ENV = "ONESEEK_TLS_CERT"
+TLS_KEY_ENV = "ONESEEK_TLS_KEY"
+TLS_CA_ENV = "ONESEEK_TLS_CA"
+
+
+def _read_pem(path: str, what: str, flag: str) -> bytes:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise InvalidInput(
+            f"{flag}: cannot read the {what} {path!r} ({error.strerror or error}); give the "
+            "path of a PEM file this process can read.",
+            field=flag,
+        ) from None
+    if b"-----BEGIN" not in data:
+        raise InvalidInput(
+            f"{flag}: {path!r} is not a PEM file (no '-----BEGIN' line); give the {what} "
+            "in PEM format.",
+            field=flag,
+        )
+    return data
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    """A server's certificate chain and private key, both PEM."""
+
+    certificate_chain: bytes
+    private_key: bytes
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.ssl_server_credentials([(self.private_key, self.certificate_chain)])
+
+
+def server_tls(cert: str | None = None, key: str | None = None) -> ServerTls | None:
+    """The server's TLS material from the flags, else ONESEEK_TLS_CERT / ONESEEK_TLS_KEY; None
+    when neither is set. One without the other is refused rather than silently serving
+    plaintext."""
+    cert = cert or os.environ.get(TLS_CERT_ENV) or None
+    key = key or os.environ.get(TLS_KEY_ENV) or None
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        missing = "--tls-cert (ONESEEK_TLS_CERT)" if cert is None else "--tls-key (ONESEEK_TLS_KEY)"
+        raise InvalidInput(
+            f"TLS needs both a certificate and its private key: {missing} is missing.",
+            field="--tls-cert" if cert is None else "--tls-key",
+        )
+    return ServerTls(
+        certificate_chain=_read_pem(cert, "certificate", "--tls-cert"),
+        private_key=_read_pem(key, "private key", "--tls-key"),
+    )
+
+
+def client_tls_ca(path: str | None = None) -> bytes | None:
+    """The CA bundle a client trusts, from the flag, else ONESEEK_TLS_CA; None: plaintext."""
+    path = path or os.environ.get(TLS_CA_ENV) or None
+    return None if path is None else _read_pem(path, "CA certificate", "--tls-ca")
+
+
+def channel_credentials(root_certificates: bytes) -> grpc.ChannelCredentials:
+    return grpc.ssl_channel_credentials(root_certificates=root_certificates)
+
+
+def client_channel(
+    addr: str,
+    root_certificates: bytes | None = None,
+    options: list[tuple[str, Any]] | None = None,
+) -> aio.Channel:
+    """An asyncio channel to `addr`: TLS trusting `root_certificates` when given."""
+    opts = CHANNEL_OPTIONS if options is None else options
+    if root_certificates is None:
+        return aio.insecure_channel(addr, options=opts)
+    return aio.secure_channel(addr, channel_credentials(root_certificates), options=opts)
+
+
+def blocking_channel(addr: str, root_certificates: bytes | None = None) -> grpc.Channel:
+    """A blocking channel (health checks from `oneseek up` and scripts), TLS as above."""
+    if root_certificates is None:
+        return grpc.insecure_channel(addr)
+    return grpc.secure_channel(addr, channel_credentials(root_certificates))
+
+
+def add_listening_port(server: aio.Server, addr: str, tls: ServerTls | None) -> int:
+    """Binds `addr` with TLS when `tls` is given; the bound port (0 when binding failed)."""
+    if tls is None:
+        return server.add_insecure_port(addr)
+    return server.add_secure_port(addr, tls.credentials())
+
+
+# ---- errors ---------------------------------------------------------------------------------
+
+FIELD_METADATA_KEY = "oneseek-field"
+"""Trailing metadata naming the request field an error is about (the gateway reads it)."""
+
+
+def _metadata_safe(value: str) -> bool:
+    return len(value) <= 256 and all(" " <= char <= "~" for char in value)
+
+
+async def abort(
+    context: aio.ServicerContext[Any, Any],
+    code: grpc.StatusCode,
+    message: str,
+    field: str | None = None,
+) -> NoReturn:
+    """Ends the call with `code` and `message`, naming `field` in trailing metadata.
+
+    A field name can come from the caller (an unknown key): metadata values must be printable
+    ASCII, so any other name stays in the message only."""
+    trailing = ((FIELD_METADATA_KEY, field),) if field and _metadata_safe(field) else ()
+    await context.abort(code, message, trailing_metadata=trailing)
+    raise AssertionError("unreachable: abort raises")
+
+
 def bearer(token: str | None) -> tuple[tuple[str, str], ...]:
     """Call metadata carrying `token`, or none."""
     return (("authorization", f"Bearer {token}"),) if token else ()
 
 
+def _digest(text: str) -> bytes:
+    # surrogatepass: a header aiohttp decoded with surrogate escapes must not raise here
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+
+
 def token_matches(header: str | None, tokens: Iterable[str | None]) -> bool:
-    """Constant-time comparison of a `Bearer <token>` header against every allowed token."""
+    """Constant-time comparison of a `Bearer <token>` header against every allowed token.
+
+    Both sides are hashed first, so neither the time taken nor an early length mismatch says
+    anything about a token's length or content; every allowed token is always compared."""
     if not header or not header.startswith("Bearer "):
         return False
-    offered = header[len("Bearer ") :].encode()
+    offered = _digest(header[len("Bearer ") :])
     matched = False
     for token in tokens:
         if token:
-            matched |= hmac.compare_digest(offered, token.encode())
+            matched |= hmac.compare_digest(offered, _digest(token))
     return matched
 
 

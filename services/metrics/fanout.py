@@ -1,12 +1,13 @@
 """Live fan-out of each run's events to its subscribers. Every subscriber has its own bounded
 queue: one that falls behind is dropped (it resumes with after_seq) instead of slowing the
-publisher or the other subscribers.
+publisher or the other subscribers. Events the subscriber was already sent another way (from the
+store, while it caught up) leave its queue first: they never count against it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import collections
 from types import TracebackType
 
 from services.api import training_pb2
@@ -24,29 +25,35 @@ class Subscription:
 
     def __init__(self, fanout: EventFanout, run_id: str, queue_size: int) -> None:
         self.run_id = run_id
+        self.queue_size = queue_size
         self.dropped = False
         self.closed = False
+        self.sent = 0
+        """The last seq the subscriber was sent from the store: queued events up to it are
+        stale (a subscriber catching up must not be dropped for events it already has)."""
         self._fanout = fanout
-        # None is only a wake-up call: the flags say why
-        self._queue: asyncio.Queue[training_pb2.TrainingEvent | None] = asyncio.Queue(queue_size)
+        self._events: collections.deque[training_pb2.TrainingEvent] = collections.deque()
+        self._wake = asyncio.Event()  # set when there is something to see: an event or a flag
 
     def offer(self, event: training_pb2.TrainingEvent) -> bool:
         """Queues `event` without waiting; False (and the subscriber is dropped) when full."""
         if self.dropped or self.closed:
             return False
-        try:
-            self._queue.put_nowait(event)
-        except asyncio.QueueFull:
-            self.dropped = True  # a full queue means its reader is not waiting: no wake-up needed
-            return False
-        return True
+        events = self._events
+        while events and events[0].seq <= self.sent:
+            events.popleft()
+        if len(events) >= self.queue_size:
+            self.dropped = True
+            events.clear()
+        else:
+            events.append(event)
+        self._wake.set()
+        return not self.dropped
 
     def close(self) -> None:
         """Ends the subscription cleanly (the service is shutting down)."""
         self.closed = True
-        # a full queue means the reader is busy, and it sees the flag on its next call
-        with contextlib.suppress(asyncio.QueueFull):
-            self._queue.put_nowait(None)
+        self._wake.set()
 
     async def next(self) -> training_pb2.TrainingEvent | None:
         """The next live event; None once closed; SubscriberTooSlow once dropped."""
@@ -55,9 +62,10 @@ class Subscription:
                 raise SubscriberTooSlow(self.run_id)
             if self.closed:
                 return None
-            event = await self._queue.get()
-            if event is not None and not self.dropped:
-                return event
+            if self._events:
+                return self._events.popleft()
+            self._wake.clear()
+            await self._wake.wait()
 
     def __enter__(self) -> Subscription:
         return self

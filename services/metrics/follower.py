@@ -18,7 +18,7 @@ from grpc import aio
 
 from services.api import training_pb2, training_pb2_grpc
 from services.api.codec import format_timestamp
-from services.api.runtime import admin_token, bearer, insecure_channel
+from services.api.runtime import admin_token, bearer, client_channel
 from services.metrics.catalog import RunCatalog
 from services.metrics.records import SOURCE_TRAINING, RunRecord, record_from_run
 
@@ -45,6 +45,7 @@ class TrainingFollower:
         backoff_initial: float = 0.1,
         backoff_max: float = 5.0,
         lookup_timeout: float = 2.0,
+        root_certificates: bytes | None = None,
     ) -> None:
         self.training_addr = training_addr
         self.catalog = catalog
@@ -55,7 +56,8 @@ class TrainingFollower:
         self.lookup_timeout = lookup_timeout
         self.cursor = 0
         self._delay = backoff_initial
-        self._channel = insecure_channel(training_addr)
+        # TLS trusting `root_certificates` when given, plaintext otherwise
+        self._channel = client_channel(training_addr, root_certificates)
         self._stub = training_pb2_grpc.TrainingServiceStub(self._channel)
 
     async def close(self) -> None:

@@ -2,8 +2,10 @@
 the epoch_end event of its run (followed by training_complete when it is the run's last epoch).
 
 Rules (what a client can rely on):
-- epochs are reported in increasing order, each once; sending the same report again (a retry)
-  is answered with the seq it was stored under and stores nothing;
+- epochs are reported in increasing order, each once; a report is keyed by (run, epoch):
+  sending the same report again (a retry, e.g. after its acknowledgement was lost to a restart)
+  is answered with the seq it was stored under and stores nothing, while a different report of
+  a stored epoch is refused (ALREADY_EXISTS, HTTP 409) and names the seq it conflicts with;
 - absent weights and learning rates keep the run's previous values; an absent total_loss is
   the population loss with the weights in force during the epoch (the previous report's);
   an absent progress_percent is 100 * epoch / total_epochs (0 while total_epochs is unknown);

@@ -23,11 +23,17 @@ from services.api import metrics_pb2, metrics_pb2_grpc, training_pb2
 from services.api.codec import now_timestamp, run_status_name
 from services.api.runtime import (
     SERVER_OPTIONS,
+    ServerTls,
     TokenAuthInterceptor,
+    abort,
     add_health_and_reflection,
+    add_listening_port,
     admin_token,
+    client_tls_ca,
+    configure_logging,
     metrics_addr,
     report_token,
+    server_tls,
     set_not_serving,
     training_addr,
 )
@@ -70,13 +76,15 @@ class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
         try:
             validate_run_id(run_id)
         except InvalidInput as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error.message)
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, error.message, error.field)
         state = await self.catalog.state(run_id)
         if state is None:
-            await context.abort(
+            await abort(
+                context,
                 grpc.StatusCode.NOT_FOUND,
                 f"Run {run_id!r} is not known to the metrics service; list runs with "
                 "ListRuns (GET /api/training/runs).",
+                "runId",
             )
         return state
 
@@ -94,16 +102,20 @@ class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
         self, request: metrics_pb2.ListRunsRequest, context: Context
     ) -> metrics_pb2.ListRunsResponse:
         if request.limit < 0:
-            await context.abort(
+            await abort(
+                context,
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"limit must be 0 (all runs) or more, got {request.limit}.",
+                "limit",
             )
         status = run_status_name(request.status) if request.status else None
         if request.status and status is None:
-            await context.abort(
+            await abort(
+                context,
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"status {request.status} is not a RunStatus; use RUN_STATUS_UNSPECIFIED (0) "
                 "for all runs.",
+                "status",
             )
         records = await self.catalog.list_runs(status, request.limit)
         return metrics_pb2.ListRunsResponse(runs=[record.summary() for record in records])
@@ -120,7 +132,7 @@ class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
                 request.epoch,
                 error.message,
             )
-            await context.abort(_status_code(error), error.message)
+            await abort(context, _status_code(error), error.message, error.field)
         return metrics_pb2.ReportMetricsResponse(success=True, seq=seq)
 
     async def Subscribe(
@@ -128,9 +140,11 @@ class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
     ) -> AsyncIterator[training_pb2.TrainingEvent]:
         run_id, last = request.run_id, request.after_seq
         if last < 0:
-            await context.abort(
+            await abort(
+                context,
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"after_seq must be 0 (from the start) or the last seq received, got {last}.",
+                "after_seq",
             )
         state = await self._run_state(run_id, context)
         # registered before anything is read, and the snapshot taken with no await in between:
@@ -141,7 +155,7 @@ class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
                 page = await self.catalog.events_after(run_id, last)
                 for event in page:
                     yield event
-                    last = event.seq
+                    last = live.sent = event.seq
                 if len(page) < PAGE_SIZE:
                     break
             try:
@@ -168,8 +182,13 @@ class MetricsServer:
         *,
         queue_size: int = DEFAULT_QUEUE_SIZE,
         follow: bool = True,
+        tls: ServerTls | None = None,
+        training_ca: bytes | None = None,
     ) -> None:
         self.addr = addr
+        self.tls = tls
+        self.training_ca = training_ca
+        """CA bundle to trust for the training service (None: plaintext to it)."""
         self.training_addr = training_addr
         self.db_url = db_url
         self.queue_size = queue_size
@@ -188,7 +207,9 @@ class MetricsServer:
         try:
             fanout = EventFanout(self.queue_size)
             self.catalog = RunCatalog(self.store, fanout)
-            self.follower = TrainingFollower(self.training_addr, self.catalog)
+            self.follower = TrainingFollower(
+                self.training_addr, self.catalog, root_certificates=self.training_ca
+            )
             # unknown run ids are looked up on the training service through the same channel
             self.catalog.lookup = self.follower.lookup_run
             await self.catalog.load()
@@ -200,7 +221,7 @@ class MetricsServer:
                 MetricsServicer(self.catalog), self._server
             )
             self._health = await add_health_and_reflection(self._server, [SERVICE_NAME])
-            self.port = self._server.add_insecure_port(self.addr)
+            self.port = add_listening_port(self._server, self.addr, self.tls)
             await self._server.start()
         except BaseException:
             await self.stop()
@@ -208,10 +229,12 @@ class MetricsServer:
         if self.follow:
             self._follow_task = asyncio.create_task(self.follower.run(), name="metrics-follower")
         log.info(
-            "metrics service listening addr=%s port=%d training_addr=%s",
+            "metrics service listening addr=%s port=%d tls=%s training_addr=%s training_tls=%s",
             self.addr,
             self.port,
+            self.tls is not None,
             self.training_addr,
+            self.training_ca is not None,
         )
         return self.port
 
@@ -236,9 +259,16 @@ class MetricsServer:
         log.info("metrics service stopped addr=%s", self.addr)
 
 
-async def serve(addr: str, training_addr: str, db_url: str) -> None:
+async def serve(
+    addr: str,
+    training_addr: str,
+    db_url: str,
+    *,
+    tls: ServerTls | None = None,
+    training_ca: bytes | None = None,
+) -> None:
     """Runs the metrics service until SIGTERM or SIGINT, then stops it gracefully."""
-    server = MetricsServer(addr, training_addr, db_url)
+    server = MetricsServer(addr, training_addr, db_url, tls=tls, training_ca=training_ca)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -272,19 +302,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="sqlite:///path or a file path (default: $ONESEEK_DB_URL or sqlite:///var/metrics.db)",
     )
+    parser.add_argument("--tls-cert", help="PEM certificate: serve TLS (default $ONESEEK_TLS_CERT)")
+    parser.add_argument(
+        "--tls-key", help="PEM private key of --tls-cert (default $ONESEEK_TLS_KEY)"
+    )
+    parser.add_argument(
+        "--tls-ca", help="PEM CA bundle: reach the training service over TLS ($ONESEEK_TLS_CA)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    if not logging.getLogger().handlers:
-        logging.basicConfig(
-            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s"
-        )
+    configure_logging("metrics-service")
     try:
+        tls = server_tls(getattr(args, "tls_cert", None), getattr(args, "tls_key", None))
+        training_ca = client_tls_ca(getattr(args, "tls_ca", None))
         asyncio.run(
             serve(
                 args.addr or metrics_addr(),
                 args.training_addr or training_addr(),
                 args.db_url or default_db_url(),
+                tls=tls,
+                training_ca=training_ca,
             )
         )
     except InvalidInput as error:

@@ -90,10 +90,22 @@ class RunState:
         if kind is None or kind in _NOT_FOLDED:
             return True
         self.timestamp = event.timestamp
+        if kind == "epoch_start" and self.finished:
+            self._resumed(event.epoch_start)
         for name, value in summary_changes(event).items():
             setattr(self, name, value)
         getattr(self, f"_on_{kind}")(getattr(event, kind), event.seq)
         return True
+
+    def _resumed(self, start: training_pb2.EpochStart) -> None:
+        """An epoch_start after the run's terminal event: the run was resumed and trains again
+        from `start.epoch`; what the ending said no longer holds."""
+        self.error = None
+        self.best_model = None
+        self.dna = None
+        total = start.total_epochs or self.total_epochs
+        if total:
+            self.progress_percent = 100.0 * (start.epoch - 1) / total
 
     def _on_epoch_start(self, start: training_pb2.EpochStart, seq: int) -> None:
         self._merge(start.weights, start.lr_multipliers)
@@ -128,6 +140,7 @@ class RunState:
             self._add_names(done.val_losses)
             self.val_losses = dict(done.val_losses)
         self._merge(done.weights, {})
+        self.error = None  # a resumed run that ended well is no longer failed
         if done.HasField("total_loss"):
             self.total_loss = done.total_loss
         self.progress_percent = 100.0

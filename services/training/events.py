@@ -7,9 +7,10 @@ so a restarted service can replay a run; `epoch_end` and terminal events are fsy
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -43,13 +44,16 @@ class EventLog:
         self._sinks.append(sink)
 
     def emit(self, kind: str, payload: Any) -> training_pb2.TrainingEvent:
-        """Wraps `payload` (a message of the oneof field `kind`) in a stamped event."""
-        self.seq += 1
+        """Wraps `payload` (a message of the oneof field `kind`) in a stamped event.
+
+        The seq is taken only once the event is in the file: an event that could not be
+        written (disk full) raises and leaves no gap for the next one to jump."""
         event = training_pb2.TrainingEvent(
-            run_id=self.run_id, seq=self.seq, timestamp=now_timestamp()
+            run_id=self.run_id, seq=self.seq + 1, timestamp=now_timestamp()
         )
         getattr(event, kind).CopyFrom(payload)
         self._append(kind, event)
+        self.seq = event.seq
         for sink in self._sinks:
             sink(event)
         return event
@@ -57,17 +61,63 @@ class EventLog:
     def _append(self, kind: str, event: training_pb2.TrainingEvent) -> None:
         if self.path is None:
             return
+        line = json.dumps(event_to_dict(event), allow_nan=False) + "\n"
         if self._file is None:
+            repair_tail(self.path)  # an earlier writer may have died mid-line
             self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - held open
-        self._file.write(json.dumps(event_to_dict(event), allow_nan=False) + "\n")
-        self._file.flush()
-        if kind in _DURABLE:
-            os.fsync(self._file.fileno())
+        try:
+            self._file.write(line)
+            self._file.flush()
+            if kind in _DURABLE:
+                os.fsync(self._file.fileno())
+        except OSError:
+            # the buffer may hold part of the line: drop the handle (and what it held) so the
+            # next writer starts from a clean line end
+            handle, self._file = self._file, None
+            with contextlib.suppress(OSError):
+                handle.close()
+            with contextlib.suppress(OSError):
+                repair_tail(self.path)
+            raise
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def repair_tail(path: Path) -> None:
+    """Cuts a torn last line (a writer killed mid-write) so the next append starts clean."""
+    try:
+        handle = open(path, "rb+")  # noqa: SIM115 - closed below
+    except FileNotFoundError:
+        return
+    with handle:
+        size = handle.seek(0, os.SEEK_END)
+        end = size
+        while end > 0:
+            start = max(0, end - 4096)
+            handle.seek(start)
+            block = handle.read(end - start)
+            cut = block.rfind(b"\n")
+            if cut != -1:
+                end = start + cut + 1
+                break
+            end = start
+        if end != size:
+            handle.truncate(end)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def append_events(path: Path, events: Iterable[training_pb2.TrainingEvent]) -> None:
+    """Appends `events` to an events.jsonl (after cutting a torn last line), fsynced."""
+    lines = "".join(json.dumps(event_to_dict(e), allow_nan=False) + "\n" for e in events)
+    repair_tail(path)
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(lines)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def read_events(path: Path) -> Iterator[training_pb2.TrainingEvent]:

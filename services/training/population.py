@@ -9,6 +9,7 @@ Everything that happens is an event (services.api TrainingEvent) on the run's Ev
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import threading
 import time
@@ -31,8 +32,18 @@ from services.core.adaptive_weights import (
     population_loss,
 )
 from services.core.auto_stop import AutoStopState, auto_stop_step
-from services.core.errors import OneSeekError
+from services.core.errors import ArtifactError, InvalidInput, NotFound, OneSeekError
 from services.core.training_config import RunConfig
+from services.training.checkpoints import (
+    capture_rng,
+    prune_checkpoints,
+    read_checkpoint,
+    remove_checkpoints,
+    restore_optimizer,
+    restore_rng,
+    restore_trainable,
+    save_checkpoint,
+)
 from services.training.data import (
     Batch,
     Dataset,
@@ -45,9 +56,26 @@ from services.training.events import EventLog
 from services.training.models import BaseModelInfo, load_model, load_tokenizer
 from services.training.run_folder import RunFolder
 
+log = logging.getLogger("oneseek.training.population")
+
 
 class TrainingDiverged(OneSeekError):
     """A model's loss became NaN or infinite."""
+
+
+class CheckpointMismatch(InvalidInput):
+    """A checkpoint does not belong to this run's models, data or settings."""
+
+
+def resumable_failure(exc: BaseException) -> bool:
+    """Whether resuming could get past `exc`: yes for trouble from outside the run (disk,
+    memory); no for a divergence or bad input, which the same epoch would only repeat, and
+    no for an unexpected error, which is most likely a bug that would repeat as well."""
+    if isinstance(exc, (TrainingDiverged, InvalidInput, NotFound)):
+        return False
+    if isinstance(exc, (ArtifactError, OSError, MemoryError)):
+        return True
+    return isinstance(exc, torch.cuda.OutOfMemoryError)
 
 
 @dataclass(frozen=True)
@@ -91,6 +119,7 @@ class RunOutcome:
     duration_seconds: float
     history: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
+    resumable: bool = False
 
     @property
     def status_name(self) -> str:
@@ -131,6 +160,7 @@ class PopulationTrainer:
         stop: threading.Event | None = None,
         on_step: Callable[[StepInfo], None] | None = None,
         device: torch.device | None = None,
+        resume_from: Path | None = None,
     ) -> None:
         self.config = config
         self.run_id = run_id
@@ -156,6 +186,10 @@ class PopulationTrainer:
         self._last_progress = -math.inf
         self._last_val_losses: dict[str, float] = {}
         self._last_total: float | None = None
+        self.resume_from = resume_from
+        self.start_epoch = 1
+        self._elapsed_before = 0.0  # seconds trained by earlier attempts of a resumed run
+        self._started = time.monotonic()
 
     # ---- set-up -------------------------------------------------------------------------
 
@@ -249,11 +283,13 @@ class PopulationTrainer:
     # ---- the run ------------------------------------------------------------------------
 
     def run(self) -> RunOutcome:
-        started = time.monotonic()
+        started = self._started = time.monotonic()
         self.folder.started()
         try:
             if not self.slots:  # a caller may prepare first, to report bad input up front
                 self.prepare()
+            if self.resume_from is not None:
+                self.restore(self.resume_from)
             status = self._train()
             return self._finish(status, started)
         except Exception as exc:
@@ -263,7 +299,9 @@ class PopulationTrainer:
 
     def _train(self) -> training_pb2.RunStatus.ValueType:
         cfg = self.config
-        for epoch in range(1, cfg.epochs + 1):
+        if self.auto_stop.triggered:  # resumed after auto-stop fired but before the run ended
+            return training_pb2.RUN_STATUS_AUTO_STOPPED
+        for epoch in range(self.start_epoch, cfg.epochs + 1):
             self.epoch = epoch
             start = training_pb2.EpochStart(epoch=epoch, total_epochs=cfg.epochs)
             start.weights.update(self.weights)
@@ -279,8 +317,14 @@ class PopulationTrainer:
             for name, value in (*train_losses.items(), *val_losses.items()):
                 if not math.isfinite(value):
                     raise self._diverged(name, epoch, value)
-            self._keep_best(epoch, val_losses)
-            if self._end_epoch(epoch, train_losses, val_losses):
+            improved = self._keep_best(epoch, val_losses)
+            fired = self._end_epoch(epoch, train_losses, val_losses)
+            self._checkpoint(epoch)
+            # adapters follow the checkpoint, so adapters/ never holds an epoch that resuming
+            # would train again (restore re-saves them when the crash fell in between)
+            for slot in improved:
+                self.folder.save_adapter(slot.name, slot.model, slot.tokenizer)
+            if fired:
                 return training_pb2.RUN_STATUS_AUTO_STOPPED
             if self.stop.is_set():
                 return training_pb2.RUN_STATUS_STOPPED
@@ -383,12 +427,107 @@ class PopulationTrainer:
             counts.append(batch.target_tokens)
         return _token_weighted_mean(losses, counts)
 
-    def _keep_best(self, epoch: int, val_losses: dict[str, float]) -> None:
+    def _keep_best(self, epoch: int, val_losses: dict[str, float]) -> list[ModelSlot]:
+        """Notes each model's best epoch; returns the models whose adapter must be saved."""
+        improved = []
         for slot in self.slots:
             loss = val_losses[slot.name]
             if slot.best_val_loss is None or loss < slot.best_val_loss:
                 slot.best_val_loss, slot.best_epoch = loss, epoch
+                improved.append(slot)
+        return improved
+
+    # ---- checkpoints and resuming -------------------------------------------------------
+
+    def checkpoint_state(self, elapsed: float) -> dict[str, Any]:
+        """Everything but the tensors that the next epoch depends on (JSON)."""
+        return {
+            "run_id": self.run_id,
+            "config": self.config.to_dict(),
+            "dataset_sha256": self.dataset.sha256,
+            "models": list(self.names),
+            "weights": dict(self.weights),
+            "auto_stop": {
+                "epoch": self.auto_stop.epoch,
+                "previous_total": self.auto_stop.previous_total,
+                "current_change": self.auto_stop.current_change,
+                "streak": self.auto_stop.streak,
+                "triggered": self.auto_stop.triggered,
+                "totals": list(self.auto_stop.totals),
+            },
+            "best": {
+                slot.name: {"epoch": slot.best_epoch, "val_loss": slot.best_val_loss}
+                for slot in self.slots
+            },
+            "history": self.history,
+            "adjustments": self.adjustments,
+            "last_val_losses": dict(self._last_val_losses),
+            "last_total": self._last_total,
+            "steps_done": self.steps_done,
+            "step_seconds": self._step_seconds,
+            "elapsed_seconds": elapsed,
+            "rng": capture_rng(),
+        }
+
+    def _checkpoint(self, epoch: int) -> None:
+        elapsed = self._elapsed_before + time.monotonic() - self._started
+        save_checkpoint(
+            self.folder.path,
+            epoch,
+            self.checkpoint_state(elapsed),
+            {slot.name: (slot.model, slot.optimizer) for slot in self.slots},
+        )
+        best = min(self.history, key=lambda h: (h["total_loss"], h["epoch"]))["epoch"]
+        prune_checkpoints(self.folder.path, keep={epoch, int(best)})
+
+    def restore(self, path: Path) -> None:
+        """Puts the population back where the checkpoint folder `path` left it; the run goes
+        on with the epoch after it."""
+        checkpoint = read_checkpoint(path)
+        state = checkpoint.state
+        if state.get("models") != self.names or state.get("config") != self.config.to_dict():
+            raise CheckpointMismatch(
+                f"The checkpoint {checkpoint.path} was written for other models or settings "
+                "than this run's; it cannot be resumed from. Start a new run."
+            )
+        if state.get("dataset_sha256") != self.dataset.sha256:
+            raise CheckpointMismatch(
+                f"Dataset '{self.dataset.id}' changed since run {self.run_id} started (its "
+                "sha256 differs); resuming would train on other data. Start a new run.",
+                field="datasetId",
+            )
+        for slot in self.slots:
+            try:
+                restore_trainable(slot.model, checkpoint.weights_file(slot.name))
+            except ArtifactError as exc:
+                raise CheckpointMismatch(exc.message) from exc
+            restore_optimizer(slot.optimizer, checkpoint.optimizer_file(slot.name))
+            best = state["best"][slot.name]
+            slot.best_epoch, slot.best_val_loss = best["epoch"], best["val_loss"]
+        stop = state["auto_stop"]
+        self.auto_stop = AutoStopState(
+            epoch=int(stop["epoch"]),
+            previous_total=stop["previous_total"],
+            current_change=stop["current_change"],
+            streak=int(stop["streak"]),
+            triggered=bool(stop["triggered"]),
+            totals=tuple(float(t) for t in stop["totals"]),
+        )
+        self.weights = {name: float(state["weights"][name]) for name in self.names}
+        self.history = list(state["history"])
+        self.adjustments = list(state["adjustments"])
+        self._last_val_losses = {k: float(v) for k, v in state["last_val_losses"].items()}
+        self._last_total = state["last_total"]
+        self.steps_done = int(state["steps_done"])
+        self._step_seconds = float(state["step_seconds"])
+        self._elapsed_before = float(state["elapsed_seconds"])
+        self.epoch = checkpoint.epoch
+        self.start_epoch = checkpoint.epoch + 1
+        restore_rng(state["rng"])
+        for slot in self.slots:
+            if slot.best_epoch == checkpoint.epoch:  # the crash may have come before its save
                 self.folder.save_adapter(slot.name, slot.model, slot.tokenizer)
+        log.info("resumed %s after epoch %s", self.run_id, checkpoint.epoch)
 
     def _end_epoch(
         self, epoch: int, train_losses: dict[str, float], val_losses: dict[str, float]
@@ -480,7 +619,7 @@ class PopulationTrainer:
         for slot in self.slots:
             if slot.best_epoch is None:  # stopped before its first validation
                 self.folder.save_adapter(slot.name, slot.model, slot.tokenizer)
-        duration = time.monotonic() - started
+        duration = self._elapsed_before + time.monotonic() - started
         certificate = self.folder.certify(
             trainer=self, status=status, epochs_run=epochs_run, duration=duration
         )
@@ -499,6 +638,7 @@ class PopulationTrainer:
         done.val_losses.update(self._last_val_losses)
         done.weights.update(self.weights)
         self.events.emit("training_complete", done)
+        remove_checkpoints(self.folder.path)  # after the event: a crash before it can resume
         return RunOutcome(
             run_id=self.run_id,
             run_dir=self.folder.path,
@@ -512,9 +652,20 @@ class PopulationTrainer:
 
     def _fail(self, exc: BaseException, started: float) -> RunOutcome:
         message = str(exc) if isinstance(exc, OneSeekError) else f"{type(exc).__name__}: {exc}"
-        duration = time.monotonic() - started
+        if isinstance(exc, OSError) and not isinstance(exc, OneSeekError):
+            message = f"Disk or file error: {exc}. Check free space and permissions, then resume."
+        resumable = resumable_failure(exc)
+        unexpected = not isinstance(exc, (OneSeekError, OSError))
+        log.error("run failed (resumable=%s): %s", resumable, message, exc_info=unexpected)
+        duration = self._elapsed_before + time.monotonic() - started
         try:
-            self.folder.write_failure(trainer=self, message=message, duration=duration)
+            self.folder.write_failure(
+                trainer=self,
+                message=message,
+                duration=duration,
+                resumable=resumable,
+                error_seq=self.events.seq + 1,
+            )
         except Exception as write_error:
             message += f" (the run folder could not be written either: {write_error})"
         error = training_pb2.TrainingError(message=message, status=training_pb2.RUN_STATUS_FAILED)
@@ -535,4 +686,5 @@ class PopulationTrainer:
             duration_seconds=duration,
             history=self.history,
             error=message,
+            resumable=resumable,
         )

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
 import platform
 import shutil
+import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -59,6 +61,10 @@ class RunFolder:
         self.path = Path(path)
         self.run_id = validate_run_id(self.path.name)
         self.created_at = iso_now()
+        manifest = self.path / MANIFEST_FILE
+        if manifest.exists():  # an existing run (a worker, a resumed run) keeps its start time
+            with suppress(OSError, ValueError, KeyError):
+                self.created_at = str(self.read_manifest()["created_at"])
 
     @classmethod
     def create(cls, models_root: Path, run_id: str) -> RunFolder:
@@ -90,18 +96,50 @@ class RunFolder:
         return data
 
     @contextmanager
-    def worker_lock(self) -> Iterator[None]:
+    def worker_lock(self, wait: float = 0.0) -> Iterator[None]:
         """Held by whichever process trains the run (CLI or service worker) for its whole life,
-        so a restarted service can tell a run still being trained from an interrupted one."""
+        so a restarted service can tell a run still being trained from an interrupted one.
+        `wait`: seconds to wait for an earlier, exiting holder (a resumed run's old worker).
+        The holder's pid is written into the lock file for operators (and fault tests)."""
         with open(self.path / LOCK_FILE, "a+") as handle:
+            deadline = time.monotonic() + wait
+            while True:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError as exc:
+                    if time.monotonic() >= deadline:
+                        raise ArtifactError(f"Run {self.run_id} is already being trained.") from exc
+                    time.sleep(0.1)
             try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError as exc:
-                raise ArtifactError(f"Run {self.run_id} is already being trained.") from exc
-            try:
+                with suppress(OSError):  # only informative: a full disk must not stop the run
+                    handle.seek(0)
+                    handle.truncate()
+                    handle.write(f"{os.getpid()}\n")
+                    handle.flush()
                 yield
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def worker_pid(self) -> int | None:
+        """The pid of the process training the run now, or None when none is."""
+        if not self.is_being_trained():
+            return None
+        try:
+            return int((self.path / LOCK_FILE).read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def failure_verdict(self, error_seq: int) -> bool | None:
+        """Whether the failure recorded for the training_error event `error_seq` is resumable;
+        None when the worker recorded no verdict for that event (it died first)."""
+        try:
+            results = json.loads((self.path / RESULTS_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(results, dict) or results.get("error_seq") != error_seq:
+            return None
+        return bool(results.get("resumable"))
 
     def is_being_trained(self) -> bool:
         lock = self.path / LOCK_FILE
@@ -138,10 +176,13 @@ class RunFolder:
             model.save_pretrained(staged)  # safetensors: the default of both PEFT and transformers
             tokenizer.save_pretrained(staged)
             replace_dir_atomic(staged, final)
-        except OSError as exc:
+        except Exception as exc:
+            # safetensors reports a full disk as its own error type, not as an OSError
             shutil.rmtree(staged, ignore_errors=True)
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
             raise ArtifactError(
-                f"Cannot write the adapter of '{model_name}' to {final}: {exc.strerror or exc}."
+                f"Cannot write the adapter of '{model_name}' to {final}: {reason}. "
+                "Check free space and permissions of MODELS_DIR, then resume the run."
             ) from exc
 
     @staticmethod
@@ -286,8 +327,20 @@ class RunFolder:
             ) from exc
         return Certificate(dna=doc["dna"], immutable_hash=doc["immutable_hash"])
 
-    def write_failure(self, *, trainer: PopulationTrainer, message: str, duration: float) -> None:
-        """A failed run keeps an honest record (no certificate: nothing to certify)."""
+    def write_failure(
+        self,
+        *,
+        trainer: PopulationTrainer,
+        message: str,
+        duration: float,
+        resumable: bool = False,
+        error_seq: int | None = None,
+    ) -> None:
+        """A failed run keeps an honest record (no certificate: nothing to certify).
+
+        `resumable` says whether resuming could get past the failure, and `error_seq` is the
+        seq of the training_error event it belongs to, so the service can tell this verdict
+        from a later failure the worker could not record (it was killed)."""
         if not self.path.exists():
             return
         status = training_pb2.RUN_STATUS_FAILED
@@ -295,5 +348,7 @@ class RunFolder:
             trainer, status=status, duration=duration, stop_reason=f"failed: {message}"
         )
         results["error"] = message
+        results["resumable"] = resumable
+        results["error_seq"] = error_seq
         self._write(LIVE_METRICS_FILE, self._final_live_metrics(trainer, status))
         self._write(RESULTS_FILE, results)

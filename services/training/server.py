@@ -23,10 +23,14 @@ from grpc import aio
 from services.api import training_pb2, training_pb2_grpc
 from services.api.runtime import (
     SERVER_OPTIONS,
+    ServerTls,
     TokenAuthInterceptor,
+    abort,
     add_health_and_reflection,
+    add_listening_port,
     admin_token,
     configure_logging,
+    server_tls,
     set_not_serving,
     training_addr,
 )
@@ -59,8 +63,7 @@ async def _answer(context: aio.ServicerContext[Any, Any], call: Callable[[], Awa
     try:
         return await call()
     except OneSeekError as error:
-        await context.abort(status_of(error), error.message)
-        raise  # unreachable: abort raises
+        await abort(context, status_of(error), error.message, error.field)
 
 
 class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
@@ -86,7 +89,10 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
     ) -> training_pb2.ListRunsResponse:
         async def runs() -> training_pb2.ListRunsResponse:
             records = self.service.runs_newest_first(request.status, request.limit)
-            return training_pb2.ListRunsResponse(runs=[r.to_proto() for r in records])
+            return training_pb2.ListRunsResponse(
+                runs=[r.to_proto() for r in records],
+                max_active_runs=self.service.max_active_runs,
+            )
 
         return await _answer(context, runs)
 
@@ -99,11 +105,8 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
     async def ResumeRun(
         self, request: training_pb2.ResumeRunRequest, context: aio.ServicerContext[Any, Any]
     ) -> training_pb2.StartRunResponse:
-        await context.abort(
-            grpc.StatusCode.UNIMPLEMENTED,
-            "Resuming runs is not available in this version; start a new run.",
-        )
-        raise AssertionError("unreachable")
+        record = await _answer(context, lambda: self.service.resume(request.run_id))
+        return training_pb2.StartRunResponse(run_id=record.run_id, status=record.status)  # type: ignore[arg-type]
 
     async def GetArtifact(
         self, request: training_pb2.GetArtifactRequest, context: aio.ServicerContext[Any, Any]
@@ -138,7 +141,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
             async for event in self.service.watch(request.run_id, request.after_seq):
                 yield event
         except OneSeekError as error:
-            await context.abort(status_of(error), error.message)
+            await abort(context, status_of(error), error.message, error.field)
 
     async def StreamEvents(
         self, request: training_pb2.StreamEventsRequest, context: aio.ServicerContext[Any, Any]
@@ -147,7 +150,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
             async for event in self.service.stream(request.after_cursor):
                 yield event
         except OneSeekError as error:
-            await context.abort(status_of(error), error.message)
+            await abort(context, status_of(error), error.message, error.field)
 
 
 async def serve(
@@ -159,6 +162,7 @@ async def serve(
     max_active_runs: int | None = None,
     shutdown_grace: float = 30.0,
     ready: Callable[[int], None] | None = None,
+    tls: ServerTls | None = None,
 ) -> None:
     service = TrainingService(
         models_root=models_root,
@@ -176,11 +180,13 @@ async def serve(
     )
     training_pb2_grpc.add_TrainingServiceServicer_to_server(TrainingServicer(service), server)
     health = await add_health_and_reflection(server, [SERVICE_NAME])
-    port = server.add_insecure_port(addr)
+    port = add_listening_port(server, addr, tls)
     if port == 0:
         raise OSError(f"cannot listen on {addr}")
     await server.start()
-    log.info("training service listening on %s (port %s)", addr, port)
+    log.info(
+        "training service listening on %s (port %s, %s)", addr, port, "TLS" if tls else "plaintext"
+    )
     if ready is not None:
         ready(port)
 
@@ -204,6 +210,7 @@ async def serve(
 def run(args: argparse.Namespace) -> int:
     configure_logging("training-service")
     state = Path(os.environ.get("ONESEEK_STATE_DIR") or "var")
+    tls = server_tls(getattr(args, "tls_cert", None), getattr(args, "tls_key", None))
     asyncio.run(
         serve(
             args.addr or training_addr(),
@@ -212,6 +219,7 @@ def run(args: argparse.Namespace) -> int:
             state_dir=state,
             max_active_runs=args.max_active_runs,
             shutdown_grace=args.shutdown_grace,
+            tls=tls,
         )
     )
     return 0

@@ -23,7 +23,7 @@ from typing import Any
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.api import training_pb2
-from services.api.codec import event_to_dict, now_timestamp, parse_timestamp
+from services.api.codec import now_timestamp, parse_timestamp
 from services.core.errors import InvalidInput, NotFound, OneSeekError
 from services.core.training_config import (
     TRAINING_CONFIG,
@@ -31,8 +31,9 @@ from services.core.training_config import (
     generate_run_id,
     validate_run_id,
 )
+from services.training.checkpoints import latest_checkpoint
 from services.training.data import load_dataset
-from services.training.events import EVENTS_FILE, read_events
+from services.training.events import EVENTS_FILE, append_events, read_events
 from services.training.models import resolve_models
 from services.training.run_folder import MANIFEST_FILE, RunFolder, certified_root
 from services.training.worker import WorkerHandle
@@ -41,6 +42,9 @@ log = logging.getLogger("oneseek.training.service")
 
 Event = training_pb2.TrainingEvent
 RUNNING = training_pb2.RUN_STATUS_RUNNING
+FAILED = training_pb2.RUN_STATUS_FAILED
+INTERRUPTED = training_pb2.RUN_STATUS_INTERRUPTED
+FOREIGN_POLL = 1.0  # seconds between looks at a run another process still holds
 TERMINAL = ("training_complete", "training_error")
 SUBSCRIBER_QUEUE = 4096
 ARTIFACTS = ("live_metrics.json", "training_results.json", "oneseek_dna.json", "ledger_proof.json")
@@ -98,6 +102,13 @@ class RunRecord:
     def apply(self, event: Event) -> None:
         """Folds one event into the run's summary (status, epoch, progress, outcome)."""
         kind = event.WhichOneof("payload")
+        if kind == "epoch_start" and self.status != RUNNING:
+            # only a resumed run starts an epoch after its terminal event: it runs again
+            self.status = RUNNING
+            self.error = None
+            self.finished_at = None
+            start = event.epoch_start
+            self.progress_percent = 100.0 * (start.epoch - 1) / max(1, start.total_epochs)
         if kind == "epoch_end":
             self.current_epoch = event.epoch_end.epoch
             self.progress_percent = event.epoch_end.progress_percent
@@ -185,6 +196,13 @@ def request_body(request: training_pb2.StartRunRequest) -> dict[str, Any]:
         body["method"] = "full"
     elif request.method == training_pb2.TRAINING_METHOD_LORA:
         body["method"] = "lora"
+    elif request.method != training_pb2.TRAINING_METHOD_UNSPECIFIED:
+        # an enum value this service does not know: never guess a training method
+        raise InvalidInput(
+            f"method {request.method} is not a training method; use TRAINING_METHOD_LORA (1) "
+            "or TRAINING_METHOD_FULL (2), or leave it unset for the configured default.",
+            field="method",
+        )
     return body
 
 
@@ -267,14 +285,39 @@ class TrainingService:
             for record in sorted(self.runs.values(), key=lambda r: r.run_id):
                 for event in record.events[seen.get(record.run_id, 0) :]:
                     self.journal.append(record.run_id, event.seq)
+        foreign: list[RunRecord] = []
         for record in self.runs.values():
-            if record.status == RUNNING and not record.folder.is_being_trained():
-                self._append_terminal(
-                    record,
-                    training_pb2.RUN_STATUS_INTERRUPTED,
-                    "The training service stopped while this run was active; "
-                    f"it completed {record.current_epoch} epoch(s) and can be resumed.",
-                )
+            if record.status != RUNNING:
+                continue
+            if record.folder.is_being_trained():
+                foreign.append(record)  # an exiting orphan worker, or `oneseek train`
+            else:
+                self._interrupted(record)
+        if foreign:
+            self._own(self._await_foreign(foreign))
+
+    def _interrupted(self, record: RunRecord) -> None:
+        self._append_terminal(
+            record,
+            INTERRUPTED,
+            "The training service stopped while this run was active; "
+            f"it completed {record.current_epoch} epoch(s) and can be resumed.",
+        )
+
+    async def _await_foreign(self, records: list[RunRecord]) -> None:
+        """Runs another process held at start-up: once it lets go, take in what it wrote and
+        mark the run interrupted if it left no ending, so no run says `running` forever."""
+        waiting = list(records)
+        while waiting:
+            await asyncio.sleep(FOREIGN_POLL)
+            for record in list(waiting):
+                if record.worker is not None or record.status != RUNNING:
+                    waiting.remove(record)
+                elif not await asyncio.to_thread(record.folder.is_being_trained):
+                    waiting.remove(record)
+                    self._reconcile(record)
+                    if record.status == RUNNING and record.worker is None:
+                        self._interrupted(record)
 
     def _record_from_disk(self, path: Path) -> RunRecord:
         folder = RunFolder(path)
@@ -353,22 +396,108 @@ class TrainingService:
         folder.write_manifest(config, models)
         return folder
 
-    def _spawn(self, record: RunRecord, start_seq: int = 0) -> None:
+    def _spawn(
+        self, record: RunRecord, start_seq: int = 0, resume_from: Path | None = None
+    ) -> None:
         spec = {
             "config": record.config.to_dict(),
             "run_dir": str(record.folder.path),
             "models_root": str(self.models_root),
             "datasets_root": str(self.datasets_root),
             "start_seq": start_seq,
+            "resumed": start_seq > 0,
+            "resume_from": str(resume_from) if resume_from is not None else None,
         }
+        handles: list[WorkerHandle] = []
         worker = WorkerHandle(
             record.run_id,
             spec,
             on_event=lambda data: self._deliver_bytes(record, data),
-            on_exit=lambda code: self._worker_exited(record, code),
+            on_exit=lambda code: self._worker_exited(record, handles[0], code),
         )
+        handles.append(worker)
         record.worker = worker
-        worker.start()
+        try:
+            worker.start()
+        except Exception:
+            record.worker = None
+            raise
+
+    async def resume(self, run_id: str) -> RunRecord:
+        """Continues an interrupted run, or one that failed for an outside reason, from its
+        last checkpoint, under the same run id, with seq numbers going on after its last."""
+        record = self.get(run_id)
+        async with self._start_lock:
+            await asyncio.to_thread(self._check_resumable, record)
+            active = self.active()
+            if len(active) >= self.max_active_runs:
+                names = ", ".join(r.run_id for r in active)
+                raise Conflict(
+                    f"Run {names} is already active and the limit is {self.max_active_runs} "
+                    f"active run(s); stop it or wait for it to finish, then resume {run_id}.",
+                    field="runId",
+                )
+            checkpoint = await asyncio.to_thread(self._resume_point, record)
+            before = (record.status, record.error, record.finished_at, record.progress_percent)
+            record.status, record.error, record.finished_at = RUNNING, None, None
+            record.progress_percent = 100.0 * checkpoint[0] / max(1, record.config.epochs)
+            try:
+                await asyncio.to_thread(self._spawn, record, record.last_seq, checkpoint[1])
+            except Exception:
+                record.status, record.error, record.finished_at, record.progress_percent = before
+                raise
+        log.info("run resumed after epoch %s", checkpoint[0], extra=_run(record))
+        return record
+
+    def _check_resumable(self, record: RunRecord) -> None:
+        """Refuses (Conflict) a run that is running, ended cleanly, or failed for a reason
+        that resuming would only repeat (a divergence, bad input)."""
+        name, run_id = _status(record.status), record.run_id
+        if record.status == RUNNING:
+            raise Conflict(
+                f"Run {run_id} is running; only an interrupted or failed run can be resumed.",
+                field="runId",
+            )
+        if record.status not in (FAILED, INTERRUPTED):
+            raise Conflict(
+                f"Run {run_id} is {name}: it ended with a certified run folder, so there is "
+                "nothing to resume; start a new run to train further.",
+                field="runId",
+            )
+        if record.status == FAILED and record.events:
+            last = record.events[-1]
+            if record.folder.failure_verdict(last.seq) is False:
+                raise Conflict(
+                    f"Run {run_id} failed for a reason that resuming would repeat: "
+                    f"{record.error or 'see its training_error event'} "
+                    "Start a new run with other settings or data instead.",
+                    field="runId",
+                )
+        if record.worker is not None:
+            raise Conflict(
+                f"Run {run_id} is {name} and its worker is still shutting down; "
+                "try again in a few seconds.",
+                field="runId",
+            )
+
+    def _resume_point(self, record: RunRecord) -> tuple[int, Path | None]:
+        """(last completed epoch, its checkpoint folder); the run's models and dataset must
+        still be there, unchanged."""
+        models = resolve_models(list(record.config.base_models), self.models_root)
+        del models
+        dataset = load_dataset(record.config.dataset_id, self.datasets_root)
+        checkpoint = latest_checkpoint(record.folder.path)
+        if checkpoint is None:
+            if record.current_epoch:
+                log.warning("no usable checkpoint: resuming from the start", extra=_run(record))
+            return 0, None
+        if checkpoint.state.get("dataset_sha256") != dataset.sha256:
+            raise Conflict(
+                f"Dataset '{dataset.id}' changed since run {record.run_id} started (its sha256 "
+                "differs); resuming would train on other data. Start a new run.",
+                field="datasetId",
+            )
+        return checkpoint.epoch, checkpoint.path
 
     async def artifact(self, run_id: str, name: str) -> tuple[str, str]:
         """(text, sha256) of one of the run folder's JSON artifacts."""
@@ -441,13 +570,16 @@ class TrainingService:
             elif sub.run_id == record.run_id:
                 sub.offer(event)
 
-    def _worker_exited(self, record: RunRecord, exitcode: int | None) -> None:
+    def _worker_exited(self, record: RunRecord, worker: WorkerHandle, code: int | None) -> None:
         """Reader thread, after the worker's pipe closed and the process was joined."""
         assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._after_exit, record, exitcode)
+        self._loop.call_soon_threadsafe(self._after_exit, record, worker, code)
 
-    def _after_exit(self, record: RunRecord, exitcode: int | None) -> None:
+    def _after_exit(self, record: RunRecord, worker: WorkerHandle, exitcode: int | None) -> None:
+        if record.worker is not worker:
+            return  # an older worker of a run that has been resumed since
         record.worker = None
+        self._reconcile(record)
         if record.status != RUNNING:
             log.info("worker exited code=%s", exitcode, extra=_run(record))
             return
@@ -464,18 +596,37 @@ class TrainingService:
             "see the service log. Resume the run or start a new one.",
         )
 
-    def _append_terminal(self, record: RunRecord, status: int, message: str) -> None:
-        """The service writes a run's last event itself when its worker cannot."""
-        event = Event(run_id=record.run_id, seq=record.last_seq + 1, timestamp=now_timestamp())
-        event.training_error.message = message
-        event.training_error.status = status  # type: ignore[assignment]
-        if record.current_epoch:
-            event.training_error.epoch = record.current_epoch
-        line = json.dumps(event_to_dict(event)) + "\n"
-        with open(record.folder.path / EVENTS_FILE, "a", encoding="utf-8") as handle:
-            handle.write(line)
-            handle.flush()
-            os.fsync(handle.fileno())
+    def _reconcile(self, record: RunRecord) -> None:
+        """Loop, once a run's writer is gone: makes the service's events and events.jsonl
+        agree. Events the worker wrote but could not send (it died in between) are taken in;
+        events it sent but could not write (disk trouble) are written now if the disk allows,
+        so a restart replays exactly what subscribers saw."""
+        path = record.folder.path / EVENTS_FILE
+        try:
+            on_disk = list(read_events(path))
+        except (OSError, ValueError) as exc:
+            log.error("cannot read %s: %s", path, exc, extra=_run(record))
+            return
+        for event in on_disk:
+            if event.seq == record.last_seq + 1:
+                self._deliver_here(record, event)
+        written = on_disk[-1].seq if on_disk else 0
+        missing = [e for e in record.events if e.seq > written]
+        if missing:
+            try:
+                append_events(path, missing)
+            except OSError as exc:
+                log.error(
+                    "events %s-%s are not in %s (%s); they are kept in memory and the journal",
+                    missing[0].seq,
+                    missing[-1].seq,
+                    path,
+                    exc.strerror or exc,
+                    extra=_run(record),
+                )
+
+    def _deliver_here(self, record: RunRecord, event: Event) -> None:
+        """Loop (or start-up): journal and publish at once, so the next seq is known."""
         if self._loop is not None and self._loop.is_running():
             with self.journal.lock:
                 cursor = self.journal.append(record.run_id, event.seq)
@@ -483,6 +634,27 @@ class TrainingService:
         else:
             record.events.append(event)
             record.apply(event)
+
+    def _append_terminal(self, record: RunRecord, status: int, message: str) -> None:
+        """The service writes a run's last event itself when its worker cannot. When even the
+        run folder cannot take it (disk full, read-only), the event still ends the run here,
+        in the journal and for every subscriber; the log says what could not be written."""
+        event = Event(run_id=record.run_id, seq=record.last_seq + 1, timestamp=now_timestamp())
+        event.training_error.message = message
+        event.training_error.status = status  # type: ignore[assignment]
+        if record.current_epoch:
+            event.training_error.epoch = record.current_epoch
+        path = record.folder.path / EVENTS_FILE
+        try:
+            append_events(path, [event])
+        except OSError as exc:
+            log.error(
+                "cannot write the run's last event to %s: %s",
+                path,
+                exc.strerror or exc,
+                extra=_run(record),
+            )
+        self._deliver_here(record, event)
 
     # ---- streams ---------------------------------------------------------------------------
 

@@ -64,7 +64,10 @@ def worker_main(spec: dict[str, Any], conn: Connection) -> None:
 
     config = RunConfig.from_dict(spec["config"])
     folder = RunFolder(Path(spec["run_dir"]))
-    with folder.worker_lock():
+    resume_from = spec.get("resume_from")
+    # a resumed run's previous worker may still be on its way out, or someone is reading the
+    # lock to tell whether the run is being trained
+    with folder.worker_lock(wait=10.0):
         events = EventLog(
             folder.run_id,
             path=folder.path / EVENTS_FILE,
@@ -80,6 +83,7 @@ def worker_main(spec: dict[str, Any], conn: Connection) -> None:
             folder=folder,
             events=events,
             stop=stop,
+            resume_from=Path(resume_from) if resume_from else None,
         )
         trainer.run()
     conn.close()

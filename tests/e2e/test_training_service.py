@@ -386,3 +386,32 @@ def test_auth_on_mutating_calls(workspace: dict[str, str], tmp_path: Path) -> No
         assert "s3cret-token" not in proc.output()
     finally:
         proc.stop()
+
+
+def test_the_active_run_limit_is_the_services_flag(
+    workspace: dict[str, str], tmp_path: Path
+) -> None:
+    env = {**workspace, "ONESEEK_STATE_DIR": str(tmp_path / "var")}
+    service = ServiceProcess(
+        "training-service", "--max-active-runs", "2", env=env, log=tmp_path / "training.log"
+    ).start()
+    try:
+        with grpc.insecure_channel(service.addr) as channel:
+            stub = training_pb2_grpc.TrainingServiceStub(channel)
+            assert stub.ListRuns(training_pb2.ListRunsRequest(), timeout=5).max_active_runs == 2
+            one = {"epochs": 50, "models": ["tiny-gpt2"]}
+            first, second = start(stub, **one), start(stub, **one)
+            third = training_pb2.StartRunRequest(dataset_id="small", base_models=["tiny-gpt2"])
+            with pytest.raises(grpc.RpcError) as busy:
+                stub.StartRun(third, timeout=30)
+            assert busy.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert first in busy.value.details() and second in busy.value.details()
+            running = training_pb2.ListRunsRequest(status=training_pb2.RUN_STATUS_RUNNING)
+            assert {r.run_id for r in stub.ListRuns(running, timeout=5).runs} == {first, second}
+            for run_id in (first, second):
+                stub.StopRun(training_pb2.StopRunRequest(run_id=run_id), timeout=10)
+            for run_id in (first, second):
+                last = watch(stub, run_id)[-1]
+                assert last["status"] == "stopped", last
+    finally:
+        assert service.stop() == 0, service.output()

@@ -64,13 +64,10 @@ def test_every_mapped_status_has_a_code() -> None:
     assert set(STATUS_OF_GRPC.values()) <= set(ERROR_CODES)
 
 
-def test_the_field_comes_from_trailing_metadata_or_the_caller() -> None:
+def test_the_field_comes_from_trailing_metadata() -> None:
     named = rpc_error(grpc.StatusCode.NOT_FOUND, "gone", [(FIELD_METADATA_KEY, "datasetId")])
     assert from_rpc(named, "s", "a").field == "datasetId"
-    guessed = from_rpc(
-        rpc_error(grpc.StatusCode.NOT_FOUND, "gone"), "s", "a", lambda code, text: "baseModels"
-    )
-    assert guessed.field == "baseModels"
+    assert from_rpc(rpc_error(grpc.StatusCode.NOT_FOUND, "gone"), "s", "a").field is None
 
 
 @given(

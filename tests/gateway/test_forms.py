@@ -113,3 +113,28 @@ def test_report_losses_must_be_finite(losses: dict[str, float]) -> None:
         with pytest.raises(InvalidInput) as refused:
             report_request("run-20260101-120000", body)
         assert refused.value.field == "val_losses"
+
+
+def test_a_report_takes_camel_case_too_but_not_a_field_twice() -> None:
+    snake = {
+        "epoch": 2,
+        "total_epochs": 5,
+        "val_losses": {"a": 1.5},
+        "lr_multipliers": {"a": 1e-4},
+        "auto_stop_info": {"min_epochs": 2, "current_change": 0.5},
+    }
+    camel = {
+        "epoch": 2,
+        "totalEpochs": 5,
+        "valLosses": {"a": 1.5},
+        "lrMultipliers": {"a": 1e-4},
+        "autoStopInfo": {"minEpochs": 2, "currentChange": 0.5},
+    }
+    run_id = "run-20260101-120000"
+    assert report_request(run_id, camel) == report_request(run_id, snake)
+    with pytest.raises(InvalidInput) as twice:
+        report_request(run_id, {**snake, "valLosses": {"a": 2.0}})
+    assert twice.value.field == "valLosses" and "twice" in twice.value.message
+    with pytest.raises(InvalidInput) as unknown:
+        report_request(run_id, {**snake, "valLoss": {"a": 2.0}})
+    assert unknown.value.field == "valLoss"

@@ -163,11 +163,18 @@ def wait_idle(suite: Suite) -> None:
         wait_finished(suite, run.run_id)
 
 
-async def test_resume_is_not_implemented(gateway: Client, finished_run: str) -> None:
+async def test_resume_refuses_a_completed_run_and_an_unknown_one(
+    gateway: Client, finished_run: str
+) -> None:
     response = await gateway.post(
         f"/api/admin/training/{finished_run}/resume", headers=ADMIN_HEADERS
     )
-    assert (await answer(response, 501))["error"] == "not_implemented"
+    refused = await answer(response, 409, method="post")
+    assert refused["error"] == "conflict" and "completed" in refused["message"]
+    unknown = await gateway.post(f"/api/admin/training/{UNKNOWN_RUN}/resume", headers=ADMIN_HEADERS)
+    assert (await answer(unknown, 404, method="post"))["error"] == "not_found"
+    bad = await gateway.post("/api/admin/training/run-1:2/resume", headers=ADMIN_HEADERS)
+    assert (await answer(bad, 400, method="post"))["error"] == "bad_request"
 
 
 async def test_report_metrics(gateway: Client) -> None:

@@ -48,3 +48,21 @@ async def test_close_ends_a_waiting_subscriber_and_refuses_new_ones() -> None:
     assert await asyncio.wait_for(waiting, 1) is None
     late = fanout.subscribe(RUN)
     assert late.closed and await late.next() is None
+
+
+async def test_events_already_sent_from_the_store_do_not_count_against_the_queue() -> None:
+    fanout = EventFanout(queue_size=3)
+    with fanout.subscribe(RUN) as catching_up:
+        for seq in range(1, 4):
+            fanout.publish(event(seq))
+        catching_up.sent = 3  # meanwhile read from the store and sent: stale in the queue
+        for seq in range(4, 7):
+            fanout.publish(event(seq))
+        assert not catching_up.dropped
+        received = [await catching_up.next() for _ in range(3)]
+        assert [e.seq for e in received if e is not None] == [4, 5, 6]
+        for seq in range(7, 11):  # ... but a subscriber that does not read is still dropped
+            fanout.publish(event(seq))
+        assert catching_up.dropped
+        with pytest.raises(SubscriberTooSlow):
+            await catching_up.next()

@@ -306,9 +306,22 @@ async def test_a_slow_subscriber_is_dropped_while_a_fast_one_gets_everything(
         fast = service.stub.Subscribe(request)
         assert (await slow.read()).seq == 0 and (await fast.read()).seq == 0
         total = 1500
-        fast_got = asyncio.create_task(take(fast, total))
+        got: list[training_pb2.TrainingEvent] = []
+        received_more = asyncio.Condition()
+
+        async def read_fast() -> None:
+            while len(got) < total and (event := await fast.read()) is not EOF:
+                got.append(event)
+                async with received_more:
+                    received_more.notify_all()
+
+        fast_got = asyncio.create_task(read_fast())
         wide = {f"model-{i:02d}-" + "x" * 100: 1.0 + i for i in range(10)}  # ~3 KB each
         for start_seq in range(1, total + 1, 10):
+            # never more than 20 events ahead of the fast client, however slow this machine
+            # is: only the client that does not read may fill its queue of 32
+            async with received_more:
+                await received_more.wait_for(lambda: len(got) >= start_seq - 21)  # noqa: B023
             batch = []
             for seq in range(start_seq, start_seq + 10):
                 event = training_pb2.TrainingEvent(run_id=RUN_ID, seq=seq)
@@ -318,7 +331,7 @@ async def test_a_slow_subscriber_is_dropped_while_a_fast_one_gets_everything(
                 batch.append(event)
             await service.catalog.commit(batch)
             await asyncio.sleep(0.002)  # ~5,000 events/s: far above a real run's rate
-        got = await asyncio.wait_for(fast_got, 30)
+        await asyncio.wait_for(fast_got, 60)
         assert [e.seq for e in got] == list(range(1, total + 1))
         received: list[training_pb2.TrainingEvent] = []
         with pytest.raises(aio.AioRpcError) as caught:

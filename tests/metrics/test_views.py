@@ -141,6 +141,35 @@ def test_a_resumed_run_is_running_again() -> None:
     resumed.epoch_start.total_epochs = 3
     state.apply(resumed)
     assert state.status == "running" and state.error is None
+    # progress starts again from the epochs already done, not from the ending's 100
+    assert state.progress_percent == 100.0 / 3
+
+
+def test_an_interrupted_run_resumed_and_finished_reads_like_one_run() -> None:
+    """A run interrupted after epoch 1, then resumed: epochs 2 and 3 follow the terminal
+    event with later seqs, and the run ends completed with one history entry per epoch."""
+    full = run_events(three_epochs())
+    kinds = [e.WhichOneof("payload") for e in full]
+    first = full[: kinds.index("weight_adjustment") + 1]
+    cut = training_pb2.TrainingEvent(run_id=RUN_ID, seq=len(first) + 1)
+    cut.timestamp.CopyFrom(now_timestamp())
+    cut.training_error.message = "The training service stopped while this run was active."
+    cut.training_error.status = training_pb2.RUN_STATUS_INTERRUPTED
+    state = fold(_new_state(), [*first, cut])
+    assert state.status == "interrupted" and state.finished and state.progress_percent == 100
+    rest = []
+    for offset, event in enumerate(full[len(first) :], start=len(first) + 2):
+        moved = training_pb2.TrainingEvent()
+        moved.CopyFrom(event)
+        moved.seq = offset
+        rest.append(moved)
+    fold(state, rest)
+    reference = fold(_new_state(), full)
+    assert state.status == "completed" and state.error is None
+    assert [h.epoch for h in state.history] == [1, 2, 3]
+    assert state.history == reference.history
+    assert state.metrics().val_losses == reference.metrics().val_losses
+    assert state.progress_percent == 100 and state.last_seq == len(full) + 1
 
 
 def test_initial_state_carries_metrics_config_models_and_the_last_seq() -> None:

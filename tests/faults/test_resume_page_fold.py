@@ -1,0 +1,91 @@
+"""The admin page's own fold (gateway/static/run_state.js) over a run that was interrupted and
+resumed: it must read `running` again at the resumed epoch_start and end like the metrics
+service's RunState does. Runs the module in Node; skipped where Node is not installed."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.api import training_pb2
+from services.api.codec import event_to_dict, now_timestamp
+from services.metrics.records import record_from_run
+from services.metrics.views import RunState, fold
+from tests.metrics.sample_run import RUN_ID, run_events, run_message, three_epochs
+
+REPO = Path(__file__).resolve().parents[2]
+NODE = shutil.which("node")
+
+SCRIPT = """
+const source = require("fs").readFileSync(process.argv[1], "utf8");
+const input = JSON.parse(require("fs").readFileSync(0, "utf8"));
+import("data:text/javascript," + encodeURIComponent(source)).then((m) => {
+  const run = m.createRun(input.run_id);
+  const seen = [];
+  for (const event of input.events) {
+    m.applyEvent(run, event);
+    seen.push({status: run.status, percent: run.progressPercent, error: run.error,
+               finished: m.isFinished(run), epoch: m.displayEpoch(run)});
+  }
+  seen.push({history: run.history.map((h) => h.epoch), lastSeq: run.lastSeq});
+  console.log(JSON.stringify(seen));
+});
+"""
+
+
+def interrupted_then_resumed() -> list[training_pb2.TrainingEvent]:
+    """Epoch 1, an `interrupted` ending, then epochs 2-3 and the real ending, seqs going on."""
+    full = run_events(three_epochs())
+    kinds = [e.WhichOneof("payload") for e in full]
+    first = full[: kinds.index("weight_adjustment") + 1]
+    cut = training_pb2.TrainingEvent(run_id=RUN_ID, seq=len(first) + 1)
+    cut.timestamp.CopyFrom(now_timestamp())
+    cut.training_error.message = "The training service stopped while this run was active."
+    cut.training_error.status = training_pb2.RUN_STATUS_INTERRUPTED
+    rest = []
+    for seq, event in enumerate(full[len(first) :], start=len(first) + 2):
+        moved = training_pb2.TrainingEvent()
+        moved.CopyFrom(event)
+        moved.seq = seq
+        rest.append(moved)
+    return [*first, cut, *rest]
+
+
+if NODE is None:
+    if os.environ.get("CI"):
+        pytest.fail("node is missing: `make browser` installs Debian's nodejs")
+    pytest.skip("node is missing: run `make browser`", allow_module_level=True)
+
+
+def test_the_page_reads_a_resumed_run_as_running_then_completed() -> None:
+    events = interrupted_then_resumed()
+    payload = {"run_id": RUN_ID, "events": [event_to_dict(e) for e in events]}
+    assert NODE is not None
+    result = subprocess.run(
+        [NODE, "-e", SCRIPT, str(REPO / "gateway" / "static" / "run_state.js")],
+        input=json.dumps(payload),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    seen: list[dict[str, Any]] = json.loads(result.stdout)
+    cut = next(i for i, e in enumerate(events) if e.WhichOneof("payload") == "training_error")
+    at_cut, resumed = seen[cut], seen[cut + 1]
+    assert at_cut["status"] == "interrupted" and at_cut["finished"] and at_cut["percent"] == 100
+    assert events[cut + 1].WhichOneof("payload") == "epoch_start"
+    assert resumed["status"] == "running" and not resumed["finished"]
+    assert resumed["error"] is None and resumed["epoch"] == 2
+    # the same numbers the metrics service's fold gives
+    state = RunState.from_record(record_from_run(run_message()))
+    fold(state, events[: cut + 2])
+    assert resumed["percent"] == pytest.approx(state.progress_percent)
+    ending, summary = seen[-2], seen[-1]
+    assert ending["status"] == "completed" and ending["error"] is None
+    assert summary == {"history": [1, 2, 3], "lastSeq": events[-1].seq}
