@@ -243,11 +243,8 @@ $("#resume-button").addEventListener("click", async () => {
   button.disabled = true;
   try {
     await api.resume(run.runId);
+    // the feed stays open on a resumable run: its next epoch_start shows it running again
     announce(`${run.runId} resumed from its last completed epoch.`);
-    // the feed closed when the run ended: follow the run again from the start
-    page.feed?.close("idle");
-    page.feed = null;
-    selectRun(run.runId);
     refreshHistory();
   } catch (error) {
     showRunError(error.message);
@@ -325,8 +322,9 @@ function receive(runId, event) {
     if (!wasFinished && kind !== "initial_state") {
       announce(`${run.runId} ${statusLabel(run.status).toLowerCase()}.`);
     }
-    // nothing more will come: stop listening, and let the history show the final state
-    page.feed?.close("finished");
+    // nothing more will come, unless the run can be resumed (from here or anywhere else):
+    // stop listening to a run that ended for good, and let the history show the final state
+    if (!RESUMABLE.has(run.status)) page.feed?.close("finished");
     refreshHistory();
   }
   queueRender();

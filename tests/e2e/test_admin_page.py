@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +14,9 @@ from pathlib import Path
 import pytest
 
 from services.api.codec import event_to_dict, now_timestamp
+from services.core.verify import verify_run_folder
 from services.metrics.views import RunState, fold
+from services.training.run_folder import LOCK_FILE
 from tests.metrics.sample_run import RUN_ID as SAMPLE_RUN_ID
 from tests.metrics.sample_run import run_events, run_message, three_epochs
 from tests.processes import GatewayProcess, ServiceProcess, workspace_env
@@ -288,15 +291,13 @@ def test_a_run_started_from_the_page_streams_live_to_the_end(
     )
 
 
-def test_stop_asks_for_confirmation_then_ends_the_run(
-    gateway: GatewayProcess, page: tuple[Page, Problems]
-) -> None:
-    tab, _ = page
+def start_from_the_page(tab: Page, gateway: GatewayProcess, epochs: int) -> str:
+    """Starts a run of one model from the form; its run id once the page shows it running."""
     tab.goto(gateway.url + "/")
     use_token(tab, TOKEN)
     tab.get_by_role("checkbox", name=MODELS[0]).check()
     tab.get_by_label("Dataset").select_option("small")
-    tab.get_by_label("Epochs", exact=True).fill(str(config_max_epochs(gateway)))
+    tab.get_by_label("Epochs", exact=True).fill(str(epochs))
     # the previous test's worker may still be shutting down: a 409 is shown, then a retry works
     start = tab.get_by_role("button", name="Start run")
     status = tab.locator("#run-status")
@@ -308,9 +309,46 @@ def test_stop_asks_for_confirmation_then_ends_the_run(
             break
         except AssertionError:
             assert time.monotonic() < deadline, tab.locator("#form-error").inner_text()
-    run_id = tab.locator("#run-title").inner_text()
     expect(tab.locator("#feed-status")).to_have_attribute("data-state", "live")
+    return tab.locator("#run-title").inner_text()
 
+
+def test_a_run_whose_worker_died_is_resumed_from_the_page(
+    gateway: GatewayProcess, page: tuple[Page, Problems]
+) -> None:
+    tab, problems = page
+    run_id = start_from_the_page(tab, gateway, epochs=3)
+    status, resume = tab.locator("#run-status"), tab.locator("#resume-button")
+    expect(resume).to_be_hidden()
+    # after the first epoch's checkpoint, the worker dies as an out-of-memory kill would
+    folder = Path(gateway.env["MODELS_DIR"]) / "oneseek-certified" / run_id
+    deadline = time.monotonic() + RUN_TIMEOUT_MS / 1000
+    while not list((folder / "checkpoints").glob("epoch-*")):
+        assert time.monotonic() < deadline, "no checkpoint was written"
+        time.sleep(0.1)
+    os.kill(int((folder / LOCK_FILE).read_text().strip()), signal.SIGKILL)
+    expect(status).to_have_text("Failed", timeout=60_000)
+    expect(resume).to_be_visible()
+
+    resume.click()
+    expect(status).to_have_text("Completed", timeout=RUN_TIMEOUT_MS)
+    expect(resume).to_be_hidden()
+    expect(tab.locator("#epoch-value")).to_have_text("3/3")
+    expect(tab.locator("#loss-chart .chart-series .chart-point")).to_have_count(3)
+    row = tab.locator(f"#history-body tr[data-run-id='{run_id}']")
+    expect(row).to_contain_text("Completed", timeout=30_000)
+    assert verify_run_folder(folder).ok
+    history = gateway.get(f"/api/training/{run_id}/metrics")["training_history"]
+    assert [epoch["epoch"] for epoch in history] == [1, 2, 3]
+    assert not problems.seen, problems.seen
+
+
+def test_stop_asks_for_confirmation_then_ends_the_run(
+    gateway: GatewayProcess, page: tuple[Page, Problems]
+) -> None:
+    tab, _ = page
+    run_id = start_from_the_page(tab, gateway, config_max_epochs(gateway))
+    status = tab.locator("#run-status")
     stop = tab.locator("#stop-button")
     stop.click()
     expect(stop).to_have_text("Confirm stop")
