@@ -47,8 +47,12 @@ pytest: install browser
 
 test: lint pytest
 
+# wrk (Debian) loads the REST routes and their bare baselines alike.
 bench: install
-	$(PYTHON) bench/train_throughput.py
+	@command -v wrk >/dev/null 2>&1 || { \
+	  echo "installing Debian's wrk for the REST benchmarks"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
+	$(PYTHON) bench/run.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache var

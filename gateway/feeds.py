@@ -127,6 +127,11 @@ class RunFeed:
         return self._broken or (self._ready.done() and self._ready.exception() is not None)
 
     @property
+    def caught_up(self) -> bool:
+        """Ready (caught up once with the metrics service) and not failed."""
+        return self._ready.done() and not self.failed
+
+    @property
     def last_seq(self) -> int:
         return self.state.last_seq if self.state is not None else 0
 
@@ -367,6 +372,8 @@ class RunFeeds:
             feed = self.feeds[run_id] = RunFeed(run_id, self.upstream, self.settings)
         if not feed.subscribers:
             feed.idle_since = time.monotonic()  # a polled feed is not idle
+        if feed.caught_up:  # the common case: no future, no timer per GET
+            return feed.leaderboard_body()
         try:
             await feed.ready(min(self.settings.ready_timeout, self.settings.rpc_timeout))
         except FeedError:

@@ -2,7 +2,8 @@
 
 Events are the generated `TrainingEvent` messages, so a service only moves them. The log
 appends every event to `events.jsonl` in the run folder (documented JSON shape, one per line)
-so a restarted service can replay a run; `epoch_end` and terminal events are fsynced.
+so a restarted service can replay a run; `epoch_end` and terminal events are fsynced (right
+after they are handed on: a written line already survives the death of this process).
 """
 
 from __future__ import annotations
@@ -52,13 +53,17 @@ class EventLog:
             run_id=self.run_id, seq=self.seq + 1, timestamp=now_timestamp()
         )
         getattr(event, kind).CopyFrom(payload)
-        self._append(kind, event)
+        self._append(event)
         self.seq = event.seq
         for sink in self._sinks:
             sink(event)
+        # once written the line is in the kernel's cache, which outlives this process: the
+        # disk flush of a decision can follow the hand-on instead of delaying every watcher
+        if kind in _DURABLE:
+            self._sync()
         return event
 
-    def _append(self, kind: str, event: training_pb2.TrainingEvent) -> None:
+    def _append(self, event: training_pb2.TrainingEvent) -> None:
         if self.path is None:
             return
         line = json.dumps(event_to_dict(event), allow_nan=False) + "\n"
@@ -68,17 +73,29 @@ class EventLog:
         try:
             self._file.write(line)
             self._file.flush()
-            if kind in _DURABLE:
-                os.fsync(self._file.fileno())
         except OSError:
-            # the buffer may hold part of the line: drop the handle (and what it held) so the
-            # next writer starts from a clean line end
-            handle, self._file = self._file, None
+            self._drop_handle()
+            raise
+
+    def _sync(self) -> None:
+        if self._file is None:
+            return
+        try:
+            os.fsync(self._file.fileno())
+        except OSError:
+            self._drop_handle()
+            raise
+
+    def _drop_handle(self) -> None:
+        # the buffer may hold part of a line: drop the handle (and what it held) so the next
+        # writer starts from a clean line end
+        assert self.path is not None
+        handle, self._file = self._file, None
+        if handle is not None:
             with contextlib.suppress(OSError):
                 handle.close()
-            with contextlib.suppress(OSError):
-                repair_tail(self.path)
-            raise
+        with contextlib.suppress(OSError):
+            repair_tail(self.path)
 
     def close(self) -> None:
         if self._file is not None:

@@ -111,6 +111,14 @@ def run_dir(stub: training_pb2_grpc.TrainingServiceStub, run_id: str) -> Path:
     return Path(stub.GetRun(training_pb2.GetRunRequest(run_id=run_id), timeout=5).run_dir)
 
 
+def assert_checkpoints_removed(folder: Path, timeout: float = 30.0) -> None:
+    """The worker removes its checkpoints right after it sends training_complete."""
+    deadline = time.monotonic() + timeout
+    while (folder / "checkpoints").exists():
+        assert time.monotonic() < deadline, f"{folder / 'checkpoints'} is still there"
+        time.sleep(0.05)
+
+
 def worker_pid(folder: Path, timeout: float = 120.0) -> int:
     """The pid the run's worker wrote into its lock file (read without taking the lock)."""
     deadline = time.monotonic() + timeout
@@ -188,7 +196,7 @@ def test_a_killed_worker_is_resumed_to_a_complete_verified_run(
     assert [h["seq"] for h in results["history"]] == [ended[n]["seq"] for n in (1, 2, 3)]
     report = verify_run_folder(folder)
     assert report.ok, report.problems
-    assert not (folder / "checkpoints").exists()
+    assert_checkpoints_removed(folder)
     run = stub.GetRun(training_pb2.GetRunRequest(run_id=run_id), timeout=5)
     assert run.status == training_pb2.RUN_STATUS_COMPLETED and run.last_seq == len(everything)
     assert run.dna == done["dna"] and not run.HasField("error")

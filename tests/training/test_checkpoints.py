@@ -350,11 +350,11 @@ def test_an_unwritable_event_log_still_ends_the_run(
     real_append = EventLog._append
     full: list[bool] = []
 
-    def append(self: EventLog, kind: str, event: training_pb2.TrainingEvent) -> None:
-        if self.path is not None and (kind == "epoch_end" or full):  # it stays full
+    def append(self: EventLog, event: training_pb2.TrainingEvent) -> None:
+        if self.path is not None and (event.HasField("epoch_end") or full):  # it stays full
             full.append(True)
             raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
-        real_append(self, kind, event)
+        real_append(self, event)
 
     monkeypatch.setattr(EventLog, "_append", append)
     outcome = trainer_for(workspace, "run-20260201-000004", sink=seen, names=["tiny-gpt2"]).run()
