@@ -7,7 +7,7 @@ every websocket with 1001 and cancels and awaits every feed task, then closes th
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
@@ -18,10 +18,12 @@ from gateway.errors import error_middleware
 from gateway.feeds import RunFeeds
 from gateway.openapi import build_document
 from gateway.page import page_routes, security_headers
+from gateway.reports import ReportBatcher
 from gateway.routes import Routes
 from gateway.settings import GatewaySettings
 from gateway.upstream import Upstream
 from gateway.websocket import training_feed
+from services.api import metrics_pb2
 
 FEEDS = web.AppKey("feeds", RunFeeds)
 UPSTREAM = web.AppKey("upstream", Upstream)
@@ -47,6 +49,18 @@ def create_app(settings: GatewaySettings, *, tls_ca: bytes | None = None) -> web
     )
     upstream = Upstream(settings, tls_ca=tls_ca)
     feeds = RunFeeds(upstream, settings)
+
+    async def send_reports(
+        reports: Sequence[metrics_pb2.ReportMetricsRequest],
+    ) -> Sequence[metrics_pb2.ReportResult]:
+        reply = await upstream.metrics.call(
+            upstream.metrics_stub.ReportMetricsBatch,
+            metrics_pb2.ReportMetricsBatchRequest(reports=reports),
+            token=settings.admin_token or settings.report_token,
+        )
+        return list(reply.results)
+
+    reports = ReportBatcher(send_reports)
     app[SETTINGS] = settings
     app[UPSTREAM] = upstream
     app[FEEDS] = feeds
@@ -57,6 +71,7 @@ def create_app(settings: GatewaySettings, *, tls_ca: bytes | None = None) -> web
         try:
             yield
         finally:
+            await reports.close()
             await feeds.close()
             await upstream.close()
 
@@ -73,7 +88,7 @@ def create_app(settings: GatewaySettings, *, tls_ca: bytes | None = None) -> web
     async def openapi(request: web.Request) -> web.StreamResponse:
         return web.Response(body=document, content_type=JSON_TYPE)
 
-    app.add_routes(Routes(settings, upstream).table())
+    app.add_routes(Routes(settings, upstream, feeds, reports).table())
     app.add_routes([web.get("/api/openapi.json", openapi), training_feed(settings, feeds)])
     app.add_routes(page_routes(settings.static_dir))
     return app

@@ -98,9 +98,15 @@ def from_rpc(
 ) -> ApiError:
     """The HTTP answer to a failed call to `service` (e.g. "training service") at `addr`; the
     field comes from the service's trailing metadata (FIELD_METADATA_KEY)."""
-    code = error.code()
+    return from_status(error.code(), error.details(), _metadata_field(error), service, addr)
+
+
+def from_status(
+    code: grpc.StatusCode, details: str | None, field: str | None, service: str, addr: str
+) -> ApiError:
+    """The HTTP answer to a gRPC status `code` with its `details` and `field`."""
     status = STATUS_OF_GRPC.get(code, 502)
-    details = error.details() or code.name
+    details = details or code.name
     if status == 503:
         message = (
             f"The {service} at {addr} is unavailable ({code.name}). The gateway reconnects by "
@@ -114,7 +120,7 @@ def from_rpc(
         )
     elif status == 502:
         details = f"The {service} failed: {details}"
-    return ApiError(status, details, field=_metadata_field(error))
+    return ApiError(status, details, field=field)
 
 
 def _from_http(error: web.HTTPException, request: web.Request, max_body: int) -> ApiError:

@@ -9,13 +9,15 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import grpc
 from aiohttp import web
 
 from gateway.auth import Access, authorize
 from gateway.bodies import JSON_TYPE, json_response, read_object
-from gateway.errors import ApiError
+from gateway.errors import ApiError, from_status
 from gateway.feeds import RunFeeds
 from gateway.forms import report_request, start_request
+from gateway.reports import ReportBatcher
 from gateway.settings import GatewaySettings
 from gateway.upstream import Upstream
 from services.api import metrics_pb2, training_pb2
@@ -23,17 +25,12 @@ from services.api.codec import message_to_dict, run_status_name
 from services.core.training_config import get_config, validate_run_id
 
 log = logging.getLogger("oneseek.gateway")
+_GRPC_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 ARTIFACTS = ("live_metrics.json", "training_results.json", "oneseek_dna.json", "ledger_proof.json")
 RUNNING = training_pb2.RUN_STATUS_RUNNING
-
-
-def _feeds(request: web.Request) -> RunFeeds:
-    from gateway.app import FEEDS  # at call time: gateway.app imports this module
-
-    return request.app[FEEDS]
 
 
 def run_id_of(request: web.Request) -> str:
@@ -44,9 +41,17 @@ def run_id_of(request: web.Request) -> str:
 class Routes:
     """The handlers, bound to the settings and the gRPC channels of one app."""
 
-    def __init__(self, settings: GatewaySettings, upstream: Upstream) -> None:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        upstream: Upstream,
+        feeds: RunFeeds,
+        reports: ReportBatcher,
+    ) -> None:
         self.settings = settings
         self.upstream = upstream
+        self.feeds = feeds
+        self.reports = reports
 
     def table(self) -> list[web.RouteDef]:
         guard = self._guard
@@ -188,7 +193,7 @@ class Routes:
     async def leaderboard(self, request: web.Request) -> web.StreamResponse:
         run_id = run_id_of(request)
         # answered from the run's live feed when it can be: no gRPC call per GET (bench/README)
-        body = await _feeds(request).leaderboard(run_id)
+        body = await self.feeds.leaderboard(run_id)
         if body is not None:
             return web.Response(body=body, content_type=JSON_TYPE)
         up = self.upstream
@@ -219,14 +224,14 @@ class Routes:
     async def report(self, request: web.Request) -> web.StreamResponse:
         run_id = run_id_of(request)
         message = report_request(run_id, await read_object(request))
-        up = self.upstream
-        reply = await up.metrics.call(
-            up.metrics_stub.ReportMetrics,
-            message,
-            token=self.settings.admin_token or self.settings.report_token,
-        )
-        _feeds(request).written(run_id, reply.seq)
-        return json_response({"success": reply.success, "seq": reply.seq})
+        result = await self.reports.submit(message)  # concurrent reports share one call
+        if result.code != grpc.StatusCode.OK.value[0]:
+            service = self.upstream.metrics
+            code = _GRPC_CODES.get(result.code, grpc.StatusCode.UNKNOWN)
+            field = result.field or None
+            raise from_status(code, result.message, field, service.name, service.addr)
+        self.feeds.written(run_id, result.seq)
+        return json_response({"success": True, "seq": result.seq})
 
     # ---- liveness -----------------------------------------------------------------------------
 

@@ -50,8 +50,13 @@ log = logging.getLogger("oneseek.metrics")
 
 SERVICE_NAME = metrics_pb2.DESCRIPTOR.services_by_name["MetricsService"].full_name
 REPORT_METHOD = f"/{SERVICE_NAME}/ReportMetrics"
+REPORT_BATCH_METHOD = f"/{SERVICE_NAME}/ReportMetricsBatch"
+MAX_BATCH = 1024
 SHUTDOWN_GRACE_SECONDS = 5.0
 Context = aio.ServicerContext[Any, Any]
+
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
 def _status_code(error: OneSeekError) -> grpc.StatusCode:
@@ -123,6 +128,27 @@ class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
     async def ReportMetrics(
         self, request: metrics_pb2.ReportMetricsRequest, context: Context
     ) -> metrics_pb2.ReportMetricsResponse:
+        result = await self._report(request)
+        if result.code != grpc.StatusCode.OK.value[0]:
+            code = _CODES[result.code]
+            await abort(context, code, result.message, result.field or None)
+        return metrics_pb2.ReportMetricsResponse(success=True, seq=result.seq)
+
+    async def ReportMetricsBatch(
+        self, request: metrics_pb2.ReportMetricsBatchRequest, context: Context
+    ) -> metrics_pb2.ReportMetricsBatchResponse:
+        if len(request.reports) > MAX_BATCH:
+            await abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"A batch holds at most {MAX_BATCH} reports, got {len(request.reports)}.",
+                "reports",
+            )
+        # started in order: reports of one run take its lock first come, first served
+        results = await asyncio.gather(*(self._report(report) for report in request.reports))
+        return metrics_pb2.ReportMetricsBatchResponse(results=results)
+
+    async def _report(self, request: metrics_pb2.ReportMetricsRequest) -> metrics_pb2.ReportResult:
         try:
             seq = await self.catalog.report(request)
         except OneSeekError as error:
@@ -132,8 +158,10 @@ class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
                 request.epoch,
                 error.message,
             )
-            await abort(context, _status_code(error), error.message, error.field)
-        return metrics_pb2.ReportMetricsResponse(success=True, seq=seq)
+            return metrics_pb2.ReportResult(
+                code=_status_code(error).value[0], message=error.message, field=error.field or ""
+            )
+        return metrics_pb2.ReportResult(seq=seq)
 
     async def Subscribe(
         self, request: metrics_pb2.SubscribeRequest, context: Context
@@ -214,7 +242,10 @@ class MetricsServer:
             self.catalog.lookup = self.follower.lookup_run
             await self.catalog.load()
             interceptor = TokenAuthInterceptor(
-                {REPORT_METHOD: lambda: [admin_token(), report_token()]}
+                {
+                    method: lambda: [admin_token(), report_token()]
+                    for method in (REPORT_METHOD, REPORT_BATCH_METHOD)
+                }
             )
             self._server = aio.server(interceptors=[interceptor], options=SERVER_OPTIONS)
             metrics_pb2_grpc.add_MetricsServiceServicer_to_server(

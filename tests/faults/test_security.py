@@ -138,7 +138,7 @@ async def test_no_rest_mutation_without_the_right_token(world: World) -> None:
 
 MUTATING_RPCS = {
     "oneseek.training.v1.TrainingService": {"StartRun", "StopRun", "ResumeRun"},
-    "oneseek.metrics.v1.MetricsService": {"ReportMetrics"},
+    "oneseek.metrics.v1.MetricsService": {"ReportMetrics", "ReportMetricsBatch"},
 }
 READ_RPCS = {
     "oneseek.training.v1.TrainingService": {
@@ -165,6 +165,11 @@ RPC_REQUESTS: dict[str, Any] = {
     "ResumeRun": training_pb2.ResumeRunRequest(run_id=RUN),
     "ReportMetrics": metrics_pb2.ReportMetricsRequest(
         run_id=RUN, epoch=1, val_losses={"outside-model": 2.0}
+    ),
+    "ReportMetricsBatch": metrics_pb2.ReportMetricsBatchRequest(
+        reports=[
+            metrics_pb2.ReportMetricsRequest(run_id=RUN, epoch=1, val_losses={"outside-model": 2.0})
+        ]
     ),
 }
 

@@ -389,6 +389,40 @@ async def test_health_and_reflection(service: Service) -> None:
     call.cancel()
 
 
+async def test_a_batch_answers_each_report_as_report_metrics_would(
+    service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await feed(service, run_events(three_epochs()), register=True)
+    other = "run-20260201-092000"
+    batch = metrics_pb2.ReportMetricsBatchRequest(
+        reports=[
+            outside_report(1),
+            outside_report(1, run_id=other),
+            outside_report(2),  # after epoch 1 of the same run: they keep their order
+            outside_report(epoch=0),
+            outside_report(run_id=RUN_ID),
+            outside_report(1, val_losses={"mine-a": 9.0}),
+        ]
+    )
+    results = (await service.stub.ReportMetricsBatch(batch)).results
+    assert [(r.code, r.seq) for r in results[:3]] == [(0, 1), (0, 1), (0, 2)]
+    invalid, refused, conflict = results[3:]
+    assert invalid.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and invalid.field == "epoch"
+    assert refused.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+    assert "trained by the training service" in refused.message
+    assert conflict.code == grpc.StatusCode.ALREADY_EXISTS.value[0]
+    assert [e.seq for e in await service.catalog.store.events(OUTSIDE)] == [1, 2]
+    # the same token rule as ReportMetrics
+    monkeypatch.setenv("ONESEEK_REPORT_TOKEN", "report-secret")
+    error = await rpc_error(service.stub.ReportMetricsBatch(batch))
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+    again = await service.stub.ReportMetricsBatch(
+        metrics_pb2.ReportMetricsBatchRequest(reports=[outside_report(2)]),
+        metadata=bearer("report-secret"),
+    )
+    assert [(r.code, r.seq) for r in again.results] == [(0, 2)]  # a retry: stored once
+
+
 async def test_reports_need_a_token_once_one_is_set(
     service: Service, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -190,6 +190,78 @@ class ReportMetricsResponse(_message.Message):
 Global___ReportMetricsResponse: _TypeAlias = ReportMetricsResponse  # noqa: Y015
 
 @_typing.final
+class ReportMetricsBatchRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPORTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def reports(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReportMetricsRequest]: ...
+    def __init__(
+        self,
+        *,
+        reports: _abc.Iterable[Global___ReportMetricsRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reports", b"reports"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportMetricsBatchRequest: _TypeAlias = ReportMetricsBatchRequest  # noqa: Y015
+
+@_typing.final
+class ReportResult(_message.Message):
+    """The outcome of one report of a batch: `code` 0 (OK) with its seq, or the gRPC status code
+    ReportMetrics would have answered, with its message and the field it is about.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQ_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    FIELD_FIELD_NUMBER: _builtins.int
+    seq: _builtins.int
+    code: _builtins.int
+    message: _builtins.str
+    field: _builtins.str
+    def __init__(
+        self,
+        *,
+        seq: _builtins.int = ...,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+        field: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "field", b"field", "message", b"message", "seq", b"seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportResult: _TypeAlias = ReportResult  # noqa: Y015
+
+@_typing.final
+class ReportMetricsBatchResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReportResult]: ...
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___ReportResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportMetricsBatchResponse: _TypeAlias = ReportMetricsBatchResponse  # noqa: Y015
+
+@_typing.final
 class GetMetricsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

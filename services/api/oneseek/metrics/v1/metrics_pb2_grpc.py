@@ -41,6 +41,11 @@ class MetricsServiceStub:
                 request_serializer=oneseek_dot_metrics_dot_v1_dot_metrics__pb2.ReportMetricsRequest.SerializeToString,
                 response_deserializer=oneseek_dot_metrics_dot_v1_dot_metrics__pb2.ReportMetricsResponse.FromString,
                 _registered_method=True)
+        self.ReportMetricsBatch = channel.unary_unary(
+                '/oneseek.metrics.v1.MetricsService/ReportMetricsBatch',
+                request_serializer=oneseek_dot_metrics_dot_v1_dot_metrics__pb2.ReportMetricsBatchRequest.SerializeToString,
+                response_deserializer=oneseek_dot_metrics_dot_v1_dot_metrics__pb2.ReportMetricsBatchResponse.FromString,
+                _registered_method=True)
         self.GetMetrics = channel.unary_unary(
                 '/oneseek.metrics.v1.MetricsService/GetMetrics',
                 request_serializer=oneseek_dot_metrics_dot_v1_dot_metrics__pb2.GetMetricsRequest.SerializeToString,
@@ -68,6 +73,14 @@ class MetricsServiceServicer:
 
     def ReportMetrics(self, request, context):
         """An outside training process reports one epoch; stored as an epoch_end event of that run.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportMetricsBatch(self, request, context):
+        """Several reports in one call (a gateway passing on concurrent requests): each is stored or
+        refused on its own, exactly as ReportMetrics would; results come in the reports' order.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -105,6 +118,11 @@ def add_MetricsServiceServicer_to_server(servicer, server):
                     servicer.ReportMetrics,
                     request_deserializer=oneseek_dot_metrics_dot_v1_dot_metrics__pb2.ReportMetricsRequest.FromString,
                     response_serializer=oneseek_dot_metrics_dot_v1_dot_metrics__pb2.ReportMetricsResponse.SerializeToString,
+            ),
+            'ReportMetricsBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportMetricsBatch,
+                    request_deserializer=oneseek_dot_metrics_dot_v1_dot_metrics__pb2.ReportMetricsBatchRequest.FromString,
+                    response_serializer=oneseek_dot_metrics_dot_v1_dot_metrics__pb2.ReportMetricsBatchResponse.SerializeToString,
             ),
             'GetMetrics': grpc.unary_unary_rpc_method_handler(
                     servicer.GetMetrics,
@@ -154,6 +172,33 @@ class MetricsService:
             '/oneseek.metrics.v1.MetricsService/ReportMetrics',
             oneseek_dot_metrics_dot_v1_dot_metrics__pb2.ReportMetricsRequest.SerializeToString,
             oneseek_dot_metrics_dot_v1_dot_metrics__pb2.ReportMetricsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportMetricsBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/oneseek.metrics.v1.MetricsService/ReportMetricsBatch',
+            oneseek_dot_metrics_dot_v1_dot_metrics__pb2.ReportMetricsBatchRequest.SerializeToString,
+            oneseek_dot_metrics_dot_v1_dot_metrics__pb2.ReportMetricsBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -38,6 +38,10 @@ class MetricsServiceStub:
     def __new__(cls, channel: _aio.Channel) -> MetricsServiceAsyncStub: ...
     ReportMetrics: _grpc.UnaryUnaryMultiCallable[_metrics_pb2.ReportMetricsRequest, _metrics_pb2.ReportMetricsResponse]
     """An outside training process reports one epoch; stored as an epoch_end event of that run."""
+    ReportMetricsBatch: _grpc.UnaryUnaryMultiCallable[_metrics_pb2.ReportMetricsBatchRequest, _metrics_pb2.ReportMetricsBatchResponse]
+    """Several reports in one call (a gateway passing on concurrent requests): each is stored or
+    refused on its own, exactly as ReportMetrics would; results come in the reports' order.
+    """
     GetMetrics: _grpc.UnaryUnaryMultiCallable[_metrics_pb2.GetMetricsRequest, _training_pb2.RunMetrics]
     GetLeaderboard: _grpc.UnaryUnaryMultiCallable[_metrics_pb2.GetLeaderboardRequest, _metrics_pb2.Leaderboard]
     ListRuns: _grpc.UnaryUnaryMultiCallable[_metrics_pb2.ListRunsRequest, _metrics_pb2.ListRunsResponse]
@@ -49,6 +53,10 @@ class MetricsServiceAsyncStub(MetricsServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     ReportMetrics: _aio.UnaryUnaryMultiCallable[_metrics_pb2.ReportMetricsRequest, _metrics_pb2.ReportMetricsResponse]  # type: ignore[assignment]
     """An outside training process reports one epoch; stored as an epoch_end event of that run."""
+    ReportMetricsBatch: _aio.UnaryUnaryMultiCallable[_metrics_pb2.ReportMetricsBatchRequest, _metrics_pb2.ReportMetricsBatchResponse]  # type: ignore[assignment]
+    """Several reports in one call (a gateway passing on concurrent requests): each is stored or
+    refused on its own, exactly as ReportMetrics would; results come in the reports' order.
+    """
     GetMetrics: _aio.UnaryUnaryMultiCallable[_metrics_pb2.GetMetricsRequest, _training_pb2.RunMetrics]  # type: ignore[assignment]
     GetLeaderboard: _aio.UnaryUnaryMultiCallable[_metrics_pb2.GetLeaderboardRequest, _metrics_pb2.Leaderboard]  # type: ignore[assignment]
     ListRuns: _aio.UnaryUnaryMultiCallable[_metrics_pb2.ListRunsRequest, _metrics_pb2.ListRunsResponse]  # type: ignore[assignment]
@@ -63,6 +71,16 @@ class MetricsServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_metrics_pb2.ReportMetricsResponse, _abc.Awaitable[_metrics_pb2.ReportMetricsResponse]]:
         """An outside training process reports one epoch; stored as an epoch_end event of that run."""
+
+    @_abc_1.abstractmethod
+    def ReportMetricsBatch(
+        self,
+        request: _metrics_pb2.ReportMetricsBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_metrics_pb2.ReportMetricsBatchResponse, _abc.Awaitable[_metrics_pb2.ReportMetricsBatchResponse]]:
+        """Several reports in one call (a gateway passing on concurrent requests): each is stored or
+        refused on its own, exactly as ReportMetrics would; results come in the reports' order.
+        """
 
     @_abc_1.abstractmethod
     def GetMetrics(
