@@ -6,6 +6,7 @@ Read once from the environment (flags override it); everything else receives a
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ sockets in a loop is stopped here."""
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 
+@functools.lru_cache(maxsize=256)  # asked on every request; bounded: Host comes from clients
 def is_loopback(host: str) -> bool:
     """Whether `host` (a bind address or a Host header's name) can only be reached locally."""
     name = host.strip().strip("[]").lower()
