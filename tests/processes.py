@@ -57,6 +57,22 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def start_when_idle(stub: Any, request: Any, busy_for: float = 30.0) -> str:
+    """`stub.StartRun(request)`'s run id, asked again while the service answers
+    FAILED_PRECONDITION for up to `busy_for` seconds (an earlier test's worker may still be on
+    its way out, and the service trains one run at a time)."""
+    deadline = time.monotonic() + busy_for
+    while True:
+        try:
+            return str(stub.StartRun(request, timeout=30).run_id)
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                raise
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the training service stayed busy: {error.details()}") from None
+            time.sleep(0.1)
+
+
 def wait_serving(
     addr: str, timeout: float = 60.0, process: subprocess.Popen[bytes] | None = None
 ) -> None:
@@ -76,29 +92,25 @@ def wait_serving(
     raise TimeoutError(f"{addr} did not report SERVING within {timeout} s")
 
 
-class ServiceProcess:
-    """`oneseek <command> --addr 127.0.0.1:<port> ...` as a child process."""
+class ChildProcess:
+    """An `oneseek` command as a child process, its output in `log`."""
 
-    def __init__(self, command: str, *args: str, env: dict[str, str], log: Path) -> None:
-        self.command = command
-        self.args = list(args)
+    def __init__(self, env: dict[str, str], log: Path) -> None:
         self.env = env
         self.log = log
         self.port = free_port()
-        self.addr = f"127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 60.0) -> ServiceProcess:
+    def _spawn(self, *args: str) -> subprocess.Popen[bytes]:
         handle = open(self.log, "ab")  # noqa: SIM115 - owned by the child for its life
         self.process = subprocess.Popen(
-            [ONESEEK, self.command, "--addr", self.addr, *self.args],
+            [ONESEEK, *args],
             env={**os.environ, **self.env},
             stdout=handle,
             stderr=subprocess.STDOUT,
         )
         handle.close()
-        wait_serving(self.addr, timeout, self.process)
-        return self
+        return self.process
 
     def stop(self, timeout: float = 60.0) -> int:
         """SIGTERM and wait; returns the exit code."""
@@ -121,34 +133,39 @@ class ServiceProcess:
         return self.log.read_text(errors="replace")
 
 
-class GatewayProcess:
+class ServiceProcess(ChildProcess):
+    """`oneseek <command> --addr 127.0.0.1:<port> ...`, ready once its health check says
+    SERVING."""
+
+    def __init__(self, command: str, *args: str, env: dict[str, str], log: Path) -> None:
+        super().__init__(env, log)
+        self.command = command
+        self.args = list(args)
+        self.addr = f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> ServiceProcess:
+        process = self._spawn(self.command, "--addr", self.addr, *self.args)
+        wait_serving(self.addr, timeout, process)
+        return self
+
+
+class GatewayProcess(ChildProcess):
     """`oneseek gateway --host 127.0.0.1 --port P`; restartable on the same port."""
 
     def __init__(self, env: dict[str, str], log: Path, token: str = "") -> None:
-        self.env = env
-        self.log = log
+        super().__init__(env, log)
         self.token = token
-        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 60.0, ready: str = "/healthz") -> GatewayProcess:
         """Starts the gateway and waits until `ready` answers 200 (/healthz: both services
         answer too; /api/config: the gateway alone)."""
-        handle = open(self.log, "ab")  # noqa: SIM115 - owned by the child for its life
-        self.process = subprocess.Popen(
-            [ONESEEK, "gateway", "--host", "127.0.0.1", "--port", str(self.port)],
-            env={**os.environ, **self.env},
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-        )
-        handle.close()
+        process = self._spawn("gateway", "--host", "127.0.0.1", "--port", str(self.port))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"the gateway exited with {self.process.returncode}:\n{self.output()}"
-                )
+            if process.poll() is not None:
+                code = process.returncode
+                raise RuntimeError(f"the gateway exited with {code}:\n{self.output()}")
             try:
                 with urllib.request.urlopen(f"{self.url}{ready}", timeout=1) as reply:
                     if reply.status == 200:
@@ -158,25 +175,6 @@ class GatewayProcess:
             time.sleep(0.1)
         self.kill()
         raise TimeoutError(f"the gateway did not answer {ready} within {timeout} s")
-
-    def stop(self, timeout: float = 30.0) -> int:
-        assert self.process is not None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-            raise
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.kill()
-        self.process.wait()
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
 
     def get(self, path: str) -> Any:
         """GET `path` with the admin token; the parsed JSON of a 200 answer."""

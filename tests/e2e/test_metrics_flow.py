@@ -13,7 +13,7 @@ import pytest
 
 from services.api import metrics_pb2, metrics_pb2_grpc, training_pb2, training_pb2_grpc
 from services.api.codec import event_to_dict, message_to_dict
-from tests.processes import ServiceProcess, workspace_env
+from tests.processes import ServiceProcess, start_when_idle, workspace_env
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -55,14 +55,7 @@ def start_run(stub: training_pb2_grpc.TrainingServiceStub, epochs: int) -> str:
         refresh_interval=0.05,
         auto_stop_threshold=0.0,
     )
-    for _ in range(300):
-        try:
-            return str(stub.StartRun(request, timeout=30).run_id)
-        except grpc.RpcError as error:
-            if error.code() != grpc.StatusCode.FAILED_PRECONDITION:
-                raise
-            time.sleep(0.1)
-    raise TimeoutError("the training service stayed busy")
+    return start_when_idle(stub, request)
 
 
 def subscribe(

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from services.api import training_pb2, training_pb2_grpc
 from services.api.codec import event_to_dict
 from services.core.verify import verify_run_folder
-from tests.processes import ServiceProcess, workspace_env
+from tests.processes import ServiceProcess, start_when_idle, workspace_env
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -57,15 +56,7 @@ def start(stub: training_pb2_grpc.TrainingServiceStub, **fields: Any) -> str:
         refresh_interval=0.05,
         **fields,
     )
-    # the previous test's run may still be shutting its worker down
-    for _ in range(200):
-        try:
-            return str(stub.StartRun(request, timeout=30).run_id)
-        except grpc.RpcError as error:
-            if error.code() != grpc.StatusCode.FAILED_PRECONDITION:
-                raise
-            time.sleep(0.1)
-    raise TimeoutError("the service stayed busy")
+    return start_when_idle(stub, request)
 
 
 def watch(

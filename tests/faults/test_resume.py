@@ -20,7 +20,7 @@ from services.api import training_pb2, training_pb2_grpc
 from services.api.codec import event_to_dict
 from services.core.verify import verify_run_folder
 from services.training.run_folder import LOCK_FILE
-from tests.processes import ServiceProcess, workspace_env
+from tests.processes import ServiceProcess, start_when_idle, workspace_env
 
 pytestmark = pytest.mark.slow
 MODELS = ["tiny-llama", "tiny-gpt2"]
@@ -73,14 +73,7 @@ def start(stub: training_pb2_grpc.TrainingServiceStub, **fields: Any) -> str:
         auto_stop_threshold=0.0,
         **fields,
     )
-    for _ in range(300):  # a previous test's worker may still be shutting down
-        try:
-            return str(stub.StartRun(request, timeout=30).run_id)
-        except grpc.RpcError as error:
-            if error.code() != grpc.StatusCode.FAILED_PRECONDITION:
-                raise
-            time.sleep(0.1)
-    raise TimeoutError("the service stayed busy")
+    return start_when_idle(stub, request)
 
 
 def resume(
