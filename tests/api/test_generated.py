@@ -34,6 +34,7 @@ def test_services_expose_the_designed_rpcs() -> None:
     }
     assert {m.name for m in metrics.methods} == {
         "ReportMetrics",
+        "ReportMetricsBatch",
         "GetMetrics",
         "GetLeaderboard",
         "ListRuns",
