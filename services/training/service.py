@@ -361,14 +361,7 @@ class TrainingService:
         """Validates everything, creates the run folder and starts the worker."""
         config = RunConfig.from_request(body)
         async with self._start_lock:
-            active = self.active()
-            if len(active) >= self.max_active_runs:
-                names = ", ".join(r.run_id for r in active)
-                raise Conflict(
-                    f"Run {names} is already active and the limit is {self.max_active_runs} "
-                    "active run(s); stop it or wait for it to finish.",
-                    field="runId",
-                )
+            self._check_capacity()
             models, dataset = await asyncio.to_thread(self._resolve, config)
             folder = await asyncio.to_thread(self._create_folder, config, models)
             record = RunRecord(
@@ -423,20 +416,25 @@ class TrainingService:
             record.worker = None
             raise
 
+    def _check_capacity(self, then: str = "") -> None:
+        """Conflict naming the active runs when the service trains as many as it may."""
+        active = self.active()
+        if len(active) >= self.max_active_runs:
+            names = ", ".join(r.run_id for r in active)
+            after = f", then {then}" if then else ""
+            raise Conflict(
+                f"Run {names} is already active and the limit is {self.max_active_runs} "
+                f"active run(s); stop it or wait for it to finish{after}.",
+                field="runId",
+            )
+
     async def resume(self, run_id: str) -> RunRecord:
         """Continues an interrupted run, or one that failed for an outside reason, from its
         last checkpoint, under the same run id, with seq numbers going on after its last."""
         record = self.get(run_id)
         async with self._start_lock:
             await asyncio.to_thread(self._check_resumable, record)
-            active = self.active()
-            if len(active) >= self.max_active_runs:
-                names = ", ".join(r.run_id for r in active)
-                raise Conflict(
-                    f"Run {names} is already active and the limit is {self.max_active_runs} "
-                    f"active run(s); stop it or wait for it to finish, then resume {run_id}.",
-                    field="runId",
-                )
+            self._check_capacity(then=f"resume {run_id}")
             checkpoint = await asyncio.to_thread(self._resume_point, record)
             before = (record.status, record.error, record.finished_at, record.progress_percent)
             record.status, record.error, record.finished_at = RUNNING, None, None
