@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 import torch  # noqa: E402 - after the environment above
 
-from services.core.training_config import RunConfig  # noqa: E402
+from services.api.run_config import config_from_body  # noqa: E402
 from services.training.data import Batch, load_dataset, make_batches  # noqa: E402
 from services.training.demo_assets import create_demo_assets  # noqa: E402
 from services.training.events import EventLog  # noqa: E402
@@ -160,7 +160,7 @@ def setup(work: Path, model_names: list[str], method: str) -> tuple[PopulationTr
     if not discover_models(models_dir):
         create_demo_assets(models_dir, work / "datasets", log=lambda _: None)
     infos = [next(m for m in discover_models(models_dir) if m.name == n) for n in model_names]
-    config = RunConfig.from_request(
+    config = config_from_body(
         {
             "datasetId": "sample",
             "baseModels": model_names,

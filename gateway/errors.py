@@ -17,7 +17,7 @@ import grpc
 from aiohttp import web
 
 from services.api.runtime import FIELD_METADATA_KEY
-from services.core.errors import InvalidInput, NotFound, OneSeekError
+from services.core.errors import OneSeekError
 
 log = logging.getLogger("oneseek.gateway")
 
@@ -76,11 +76,8 @@ class ApiError(Exception):
 
     @classmethod
     def from_domain(cls, error: OneSeekError) -> ApiError:
-        """The project's own errors: a name that does not exist is 404, a bad value 400."""
-        status = (
-            404 if isinstance(error, NotFound) else 400 if isinstance(error, InvalidInput) else 500
-        )
-        return cls(status, error.message, field=error.field)
+        """The project's own errors, with the HTTP status each kind carries."""
+        return cls(error.http_status, error.message, field=error.field)
 
 
 def _metadata_field(error: grpc.aio.AioRpcError) -> str | None:

@@ -36,7 +36,7 @@ from services.api.codec import (
     now_timestamp,
     run_status_name,
 )
-from services.metrics.views import RunState
+from services.api.run_state import RunState
 
 log = logging.getLogger("oneseek.gateway.feeds")
 

@@ -1,11 +1,10 @@
 """Request bodies into gRPC requests, checked by the same rules the services apply, so a bad
 value is refused with 400 naming its field before any service is called.
 
-The start body goes through `RunConfig.from_request` (the one validator the CLI and the training
-service use) and only then into a `StartRunRequest` carrying the fields the caller sent: absent
-ones take the service's defaults, exactly as the validator assumed. The report body (snake_case,
-like an epoch_end payload) is typed here and then checked by the metrics service's own
-`check_report`.
+The start body passes every check of `services.api.run_config` (the one the CLI and the training
+service apply) and then becomes a `StartRunRequest` carrying the options the caller sent: absent
+ones take the service's defaults, exactly as the checks assumed. The report body (snake_case,
+like an epoch_end payload) is typed here and then checked by the shared `check_report`.
 """
 
 from __future__ import annotations
@@ -14,81 +13,28 @@ from collections.abc import Mapping
 from typing import Any
 
 from services.api import metrics_pb2, training_pb2
+from services.api.reports import check_report
+from services.api.run_config import build_config, read_body, to_request
 from services.core.checks import finite_number, flag, whole_number
 from services.core.errors import InvalidInput
-from services.core.training_config import RunConfig
-from services.metrics.reports import check_report
 
 _INT64_MAX = 2**63 - 1
 
-START_FIELDS: dict[str, str] = {
-    "datasetId": "dataset_id",
-    "baseModels": "base_models",
-    "epochs": "epochs",
-    "learningRate": "learning_rate",
-    "autoStopThreshold": "auto_stop_threshold",
-    "autoStopPatience": "auto_stop_patience",
-    "minEpochs": "min_epochs",
-    "batchSize": "batch_size",
-    "seed": "seed",
-    "method": "method",
-    "loraRank": "lora_rank",
-    "maxSeqLength": "max_seq_length",
-    "loraAlpha": "lora_alpha",
-    "loraDropout": "lora_dropout",
-    "validationSplit": "validation_split",
-    "refreshInterval": "refresh_interval",
-}
-"""camelCase start-body field -> StartRunRequest field."""
 
-_METHODS = {"lora": training_pb2.TRAINING_METHOD_LORA, "full": training_pb2.TRAINING_METHOD_FULL}
-# the JSON may carry 1 where the message wants 1.0
-_FLOATS = frozenset(
-    {"learning_rate", "auto_stop_threshold", "lora_dropout", "validation_split", "refresh_interval"}
-)
-
-
-def start_request(body: Mapping[str, Any]) -> training_pb2.StartRunRequest:
+def start_request(body: object) -> training_pb2.StartRunRequest:
     """The StartRunRequest of a start body; InvalidInput naming the camelCase field if not."""
-    RunConfig.from_request(body)  # every check, with the messages the CLI and service give
-    request = training_pb2.StartRunRequest()
-    for camel, value in body.items():
-        name = START_FIELDS[camel]  # from_request refused every other name
-        if value is None:
-            continue
-        if name == "base_models":
-            request.base_models.extend(value)
-        elif name == "method":
-            request.method = _METHODS[value]
-        elif name in _FLOATS:
-            setattr(request, name, float(value))
-        else:
-            setattr(request, name, value)
-    return request
+    values = read_body(body)
+    build_config(values)  # the required options and every default, as the service will see them
+    return to_request(values)
 
 
 # ---- outside training processes reporting an epoch ------------------------------------------
 
-REPORT_FIELDS = (
-    "epoch",
-    "total_epochs",
-    "val_losses",
-    "train_losses",
-    "weights",
-    "lr_multipliers",
-    "total_loss",
-    "auto_stop_info",
-    "progress_percent",
+REPORT_FIELDS = tuple(
+    f.name for f in metrics_pb2.ReportMetricsRequest.DESCRIPTOR.fields if f.name != "run_id"
 )
-AUTO_STOP_FIELDS = (
-    "threshold",
-    "patience",
-    "min_epochs",
-    "current_change",
-    "streak",
-    "remaining",
-    "triggered",
-)
+"""A report body's fields: the request's own, but for the run id that the path gives."""
+AUTO_STOP_FIELDS = tuple(f.name for f in training_pb2.AutoStopInfo.DESCRIPTOR.fields)
 
 
 def _losses(value: object, field: str) -> dict[str, float]:

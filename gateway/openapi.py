@@ -17,10 +17,11 @@ from google.protobuf.descriptor import FieldDescriptor
 
 from gateway.errors import ERROR_CODES
 from gateway.forms import AUTO_STOP_FIELDS, REPORT_FIELDS
-from gateway.routes import ARTIFACTS
 from services.api import metrics_pb2, training_pb2
-from services.core.training_config import MODEL_NAME_RE, TRAINING_CONFIG, get_config
-from services.metrics.reports import MAX_EPOCHS, MAX_REPORTED_MODELS
+from services.api.reports import MAX_EPOCHS, MAX_REPORTED_MODELS
+from services.api.run_config import START_OPTIONS, public_config
+from services.core.layout import ARTIFACTS
+from services.core.training_config import TRAINING_CONFIG
 
 TIMESTAMP_PATTERN = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$"
 RUN_ID_PATTERN = TRAINING_CONFIG["metadata"]["run_id_pattern"]
@@ -49,7 +50,10 @@ def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
     if "$ref" in schema:
         return {"anyOf": [schema, {"type": "null"}]}
     kind = schema["type"]
-    return {**schema, "type": [*(kind if isinstance(kind, list) else [kind]), "null"]}
+    nullable = {**schema, "type": [*(kind if isinstance(kind, list) else [kind]), "null"]}
+    if "enum" in schema:
+        nullable["enum"] = [*schema["enum"], None]
+    return nullable
 
 
 class Schemas:
@@ -199,48 +203,15 @@ def _event_schemas(schemas: Schemas) -> dict[str, Any]:
 
 
 def _start_body() -> dict[str, Any]:
-    limits = TRAINING_CONFIG["limits"]
-    name = {"type": "string", "pattern": MODEL_NAME_RE.pattern}
-
-    def opt(schema: dict[str, Any]) -> dict[str, Any]:
-        return _nullable(schema)
-
-    def whole(low: int, high: int | None = None) -> dict[str, Any]:
-        schema: dict[str, Any] = {"type": "integer", "minimum": low}
-        if high is not None:
-            schema["maximum"] = high
-        return opt(schema)
-
     properties = {
-        "datasetId": {**name, "description": "A dataset in DATASETS_DIR (<id>.jsonl)."},
-        "baseModels": {
-            "type": "array",
-            "items": name,
-            "minItems": 1,
-            "maxItems": limits["max_models"],
-            "uniqueItems": True,
-            "description": "Base models in MODELS_DIR; there is no default.",
-        },
-        "epochs": whole(1, limits["max_epochs"]),
-        "learningRate": opt({"type": "number", "exclusiveMinimum": 0}),
-        "autoStopThreshold": opt({"type": "number", "minimum": 0}),
-        "autoStopPatience": whole(1),
-        "minEpochs": whole(1),
-        "batchSize": whole(1, limits["max_batch_size"]),
-        "seed": whole(0, 2**32 - 1),
-        "method": {"type": ["string", "null"], "enum": ["lora", "full", None]},
-        "loraRank": whole(1, limits["max_lora_rank"]),
-        "maxSeqLength": whole(8, limits["max_seq_length"]),
-        "loraAlpha": whole(1),
-        "loraDropout": opt({"type": "number", "minimum": 0, "exclusiveMaximum": 1}),
-        "validationSplit": opt({"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1}),
-        "refreshInterval": opt({"type": "number", "exclusiveMinimum": 0}),
+        option.camel: option.schema() if option.required else _nullable(option.schema())
+        for option in START_OPTIONS
     }
     return {
         "type": "object",
         "description": "Absent or null optional fields take the defaults of GET /api/config.",
         "properties": properties,
-        "required": ["datasetId", "baseModels"],
+        "required": [option.camel for option in START_OPTIONS if option.required],
         "additionalProperties": False,
     }
 
@@ -365,7 +336,7 @@ def build_document() -> dict[str, Any]:
                 message={"type": "string"},
                 field={"type": ["string", "null"]},
             ),
-            "Config": _value_schema(get_config()),
+            "Config": _value_schema(public_config()),
             "StartRequest": _start_body(),
             "ReportRequest": _report_body(schemas),
             "RunAccepted": _obj(

@@ -22,14 +22,15 @@ from gateway.settings import GatewaySettings
 from gateway.upstream import Upstream
 from services.api import metrics_pb2, training_pb2
 from services.api.codec import message_to_dict, run_status_name
-from services.core.training_config import get_config, validate_run_id
+from services.api.run_config import public_config
+from services.core.layout import ARTIFACTS
+from services.core.training_config import validate_run_id
 
 log = logging.getLogger("oneseek.gateway")
 _GRPC_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-ARTIFACTS = ("live_metrics.json", "training_results.json", "oneseek_dna.json", "ledger_proof.json")
 RUNNING = training_pb2.RUN_STATUS_RUNNING
 
 
@@ -82,7 +83,7 @@ class Routes:
     # ---- configuration, models, datasets ------------------------------------------------------
 
     async def config(self, request: web.Request) -> web.StreamResponse:
-        return json_response(get_config())
+        return json_response(public_config())
 
     async def models(self, request: web.Request) -> web.StreamResponse:
         up = self.upstream

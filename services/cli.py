@@ -39,43 +39,62 @@ def _datasets_root(args: argparse.Namespace) -> Path:
     return Path(args.datasets_dir) if args.datasets_dir else datasets_dir()
 
 
-# Flag -> the camelCase field of the start request, so the CLI and the REST route share
-# one validator (RunConfig.from_request) and say the same things about bad values.
-_TRAIN_FLAGS: dict[str, tuple[str, type]] = {
-    "epochs": ("epochs", int),
-    "learning_rate": ("learningRate", float),
-    "batch_size": ("batchSize", int),
-    "method": ("method", str),
-    "lora_rank": ("loraRank", int),
-    "max_seq_length": ("maxSeqLength", int),
-    "auto_stop_threshold": ("autoStopThreshold", float),
-    "auto_stop_patience": ("autoStopPatience", int),
-    "min_epochs": ("minEpochs", int),
-    "seed": ("seed", int),
-    "validation_split": ("validationSplit", float),
-    "refresh_interval": ("refreshInterval", float),
-}
+# The start options' own flags (services/api/run_config.py): the CLI and the REST route share
+# one set of checks and say the same things about bad values.
+_TYPES: dict[str, type] = {"integer": int, "number": float, "enum": str, "string": str}
+
+
+def _start_flags() -> dict[str, str]:
+    """camelCase start field -> its flag."""
+    from services.api.run_config import START_OPTIONS
+
+    return {option.camel: option.cli_flag for option in START_OPTIONS}
+
+
+def _add_train_flags(parser: argparse.ArgumentParser) -> None:
+    from services.api.run_config import START_OPTIONS
+
+    for option in START_OPTIONS:
+        flag, help = option.cli_flag, option.help
+        # an enum's choices are shown, not enforced here: the option's own check names them
+        shown = option.values if option.kind == "enum" else None
+        metavar = "{" + ",".join(shown) + "}" if shown else flag[2:].replace("-", "_").upper()
+        if option.kind == "array":  # a comma list; BASE_MODELS serves a worker started by hand
+            parser.add_argument(
+                flag,
+                dest=option.camel,
+                metavar=metavar,
+                help=f"{help} Comma-separated (default $BASE_MODELS).",
+            )
+        elif option.kind == "boolean":
+            parser.add_argument(
+                flag, dest=option.camel, help=help, action=argparse.BooleanOptionalAction
+            )
+        else:
+            default = "" if option.required else f" (default {option.default_value()})"
+            parser.add_argument(
+                flag,
+                dest=option.camel,
+                metavar=metavar,
+                type=_TYPES[option.kind],
+                required=option.required,
+                help=help + default,
+            )
 
 
 def _train_request(args: argparse.Namespace) -> dict[str, Any]:
-    # BASE_MODELS serves a worker started by hand; the flag wins. No default model exists.
-    selection = args.models if args.models is not None else os.environ.get("BASE_MODELS", "")
-    models = [m.strip() for m in selection.split(",") if m.strip()]
-    body: dict[str, Any] = {"datasetId": args.dataset, "baseModels": models}
-    for attr, (field, _kind) in _TRAIN_FLAGS.items():
-        value = getattr(args, attr)
-        if value is not None:
-            body[field] = value
+    """The camelCase start body of the flags given (the rest take the options' defaults)."""
+    body = {name: getattr(args, name) for name in _start_flags()}
+    selection = body["baseModels"]
+    if selection is None:  # no default model exists: an empty selection is refused
+        selection = os.environ.get("BASE_MODELS", "")
+    body["baseModels"] = [m.strip() for m in selection.split(",") if m.strip()]
     return body
 
 
-_FLAG_OF_FIELD = {field: "--" + attr.replace("_", "-") for attr, (field, _) in _TRAIN_FLAGS.items()}
-_FLAG_OF_FIELD.update({"baseModels": "--models", "datasetId": "--dataset"})
-
-
 def _as_flag(exc: OneSeekError) -> str:
-    """The validator speaks the request's field names; a terminal user typed flags."""
-    flag = _FLAG_OF_FIELD.get(exc.field or "")
+    """The checks speak the request's field names; a terminal user typed flags."""
+    flag = _start_flags().get(exc.field or "")
     if flag and exc.message.startswith(exc.field or ""):
         return flag + exc.message[len(exc.field or "") :]
     return exc.message
@@ -85,7 +104,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from services.api import training_pb2
-    from services.core.training_config import RunConfig, generate_run_id
+    from services.api.run_config import config_from_body
+    from services.core.training_config import generate_run_id
     from services.training.data import load_dataset
     from services.training.events import EVENTS_FILE, EventLog
     from services.training.models import resolve_models
@@ -95,7 +115,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     models_root, datasets_root = _models_root(args), _datasets_root(args)
     try:
-        config = RunConfig.from_request(_train_request(args))
+        config = config_from_body(_train_request(args))
         models = resolve_models(list(config.base_models), models_root)
         dataset = load_dataset(config.dataset_id, datasets_root)
         run_id = generate_run_id(exists=lambda rid: (certified_root(models_root) / rid).exists())
@@ -206,10 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--datasets-dir", help="datasets folder (default $DATASETS_DIR or datasets)")
 
     train = sub.add_parser("train", help="train several base models side by side in this terminal")
-    train.add_argument("--models", help="comma-separated base model names (default $BASE_MODELS)")
-    train.add_argument("--dataset", required=True, help="dataset id (<DATASETS_DIR>/<id>.jsonl)")
-    for attr, (_field, kind) in _TRAIN_FLAGS.items():
-        train.add_argument("--" + attr.replace("_", "-"), type=kind, default=None)
+    _add_train_flags(train)
     train.add_argument("--quiet", action="store_true", help="print only the last line")
     common(train)
     train.set_defaults(func=cmd_train)

@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import grpc
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
+from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 from grpc_reflection.v1alpha import reflection
 
-from services.core.errors import InvalidInput
+from services.core.errors import InvalidInput, OneSeekError
 
 DEFAULT_TRAINING_ADDR = "127.0.0.1:50051"
 DEFAULT_METRICS_ADDR = "127.0.0.1:50052"
@@ -192,6 +192,16 @@ async def abort(
     raise AssertionError("unreachable: abort raises")
 
 
+def status_code(error: OneSeekError) -> grpc.StatusCode:
+    """The gRPC status the error carries (`OneSeekError.grpc_status`)."""
+    return grpc.StatusCode[error.grpc_status]
+
+
+async def abort_with(context: aio.ServicerContext[Any, Any], error: OneSeekError) -> NoReturn:
+    """Ends the call with the error's own status, message and field."""
+    await abort(context, status_code(error), error.message, error.field)
+
+
 def bearer(token: str | None) -> tuple[tuple[str, str], ...]:
     """Call metadata carrying `token`, or none."""
     return (("authorization", f"Bearer {token}"),) if token else ()
@@ -263,19 +273,17 @@ class TokenAuthInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]
         return grpc.unary_unary_rpc_method_handler(deny)
 
 
-async def add_health_and_reflection(server: aio.Server, service_names: list[str]) -> HealthServicer:
-    """Registers the standard health service (every name SERVING) and server reflection."""
-    servicer = HealthServicer()
+async def add_health_and_reflection(
+    server: aio.Server, service_names: list[str]
+) -> health_aio.HealthServicer:
+    """Registers the standard health service (every name SERVING) and server reflection. On
+    shutdown call the servicer's `enter_graceful_shutdown()`: every name turns NOT_SERVING."""
+    servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     for name in ["", *service_names]:
         await servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection([*service_names, reflection.SERVICE_NAME], server)
     return servicer
-
-
-async def set_not_serving(servicer: HealthServicer, service_names: list[str]) -> None:
-    for name in ["", *service_names]:
-        await servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
 
 class _KeyValueFormatter(logging.Formatter):

@@ -12,25 +12,29 @@ from typing import Any
 
 from services.core.checks import finite_number, flag, known_keys
 from services.core.errors import InvalidInput
+from services.core.training_config import TRAINING_CONFIG
 
 _SECTION = "adaptive_weights"
+_DEFAULTS = TRAINING_CONFIG[_SECTION]
+_STRATEGY = _DEFAULTS["adjust_strategy"]
 
 
 @dataclass(frozen=True)
 class AdaptiveWeightsConfig:
-    """How far one epoch's ranking may move the learning-rate multipliers."""
+    """How far one epoch's ranking may move the learning-rate multipliers (defaults: the
+    `adaptive_weights` section of TRAINING_CONFIG)."""
 
-    enabled: bool = True
+    enabled: bool = _DEFAULTS["enabled"]
     """False keeps every weight at 1.0 for the whole run."""
-    min_multiplier: float = 0.5
+    min_multiplier: float = _DEFAULTS["min_multiplier"]
     """Lowest weight a model can reach; 0 < min_multiplier <= 1."""
-    max_multiplier: float = 1.5
+    max_multiplier: float = _DEFAULTS["max_multiplier"]
     """Highest weight a model can reach; max_multiplier >= 1."""
-    top_model_boost: float = 0.3
+    top_model_boost: float = _STRATEGY["top_model_boost"]
     """The best model's raw weight is w * (1 + boost)."""
-    bottom_model_penalty: float = 0.4
+    bottom_model_penalty: float = _STRATEGY["bottom_model_penalty"]
     """The worst model's raw weight is w * (1 - penalty); 0 <= penalty < 1 keeps it positive."""
-    normalize_weights: bool = True
+    normalize_weights: bool = _DEFAULTS["normalize_weights"]
     """Rescale so the weights average 1 (sum to N) after clamping."""
 
     def __post_init__(self) -> None:

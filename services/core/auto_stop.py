@@ -11,22 +11,25 @@ from typing import Any
 
 from services.core.checks import finite_number, flag, known_keys, whole_number
 from services.core.errors import InvalidInput
+from services.core.training_config import TRAINING_CONFIG
 
 _SECTION = "confidence_auto_stop"
+_DEFAULTS = TRAINING_CONFIG[_SECTION]
 _KEYS = ("enabled", "threshold", "patience", "min_epochs")
 
 
 @dataclass(frozen=True)
 class AutoStopConfig:
-    """When a plateau in the population loss ends the run."""
+    """When a plateau in the population loss ends the run (defaults: the
+    `confidence_auto_stop` section of TRAINING_CONFIG)."""
 
-    enabled: bool = True
+    enabled: bool = _DEFAULTS["enabled"]
     """False still tracks change and streak (for display) but never stops the run."""
-    threshold: float = 0.001
+    threshold: float = _DEFAULTS["threshold"]
     """An epoch-to-epoch change below this counts towards the streak; >= 0."""
-    patience: int = 3
+    patience: int = _DEFAULTS["patience"]
     """Consecutive small changes needed to stop; >= 1."""
-    min_epochs: int = 2
+    min_epochs: int = _DEFAULTS["min_epochs"]
     """Never stop before this epoch; >= 1."""
 
     def __post_init__(self) -> None:

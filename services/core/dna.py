@@ -17,18 +17,16 @@ from typing import Any
 
 from services.core.atomic import canonical_json, json_bytes, write_json_atomic
 from services.core.errors import InvalidInput, NotFound
+from services.core.layout import ADAPTERS_DIR, DNA_FILE, LIVE_METRICS_FILE, RESULTS_FILE
+from services.core.training_config import RUN_ID_RE
 
 DNA_VERSION = "dna-v2"
-DNA_FILE = "oneseek_dna.json"
-ADAPTERS_DIR = "adapters"
 # The two JSON artifacts the trainer writes before the DNA; their bytes are hashed as written.
-ARTIFACT_FILES = ("live_metrics.json", "training_results.json")
+ARTIFACT_FILES = (LIVE_METRICS_FILE, RESULTS_FILE)
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 
 _CHUNK = 1 << 20
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
-# Same rule as DESIGN.md section 7; repeated here so a DNA never certifies a malformed id.
-_RUN_ID = re.compile(r"^run-\d{8}-\d{6}(-\d+)?$")
 
 
 def sha256_file(path: Path) -> str:
@@ -147,7 +145,7 @@ def build_dna(
     The values are passed through JSON first, so the hashes are computed over exactly what
     a reader of `oneseek_dna.json` gets back.
     """
-    if not _RUN_ID.match(run_id):
+    if not isinstance(run_id, str) or RUN_ID_RE.fullmatch(run_id) is None:
         raise InvalidInput(
             f"run_id {run_id!r} is malformed; run ids look like run-YYYYMMDD-HHMMSS "
             "(optionally -N).",

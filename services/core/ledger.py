@@ -31,21 +31,16 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 
 from services.core.atomic import canonical_json, fsync_dir, write_json_atomic
 from services.core.errors import InvalidInput
+from services.core.layout import PROOF_FILE, state_dir
 
 PROOF_EVENT = "dna_v2_training_completed"
 ALGORITHM = "ed25519"
-PROOF_FILE = "ledger_proof.json"
 KEY_PATH_ENV = "LEDGER_PRIVATE_KEY_PATH"
 LEDGER_URL_ENV = "LEDGER_URL"
 # Fields the signature does not cover: itself, and the receipt that only exists after posting.
 UNSIGNED_FIELDS = ("signature", "ledger")
 
 _MAX_BODY = 1 << 20
-
-
-def state_dir() -> Path:
-    """Where the suite keeps its own state (keys, database): $ONESEEK_STATE_DIR or ./var."""
-    return Path(os.environ.get("ONESEEK_STATE_DIR") or "var")
 
 
 def default_key_path() -> Path:

@@ -16,9 +16,7 @@ from typing import Any
 
 from services.core.atomic import json_bytes
 from services.core.dna import (
-    ADAPTERS_DIR,
     ARTIFACT_FILES,
-    DNA_FILE,
     DNA_VERSION,
     compute_dna_string,
     compute_immutable_hash,
@@ -27,9 +25,9 @@ from services.core.dna import (
     weight_files,
 )
 from services.core.errors import OneSeekError
-from services.core.ledger import ALGORITHM, PROOF_EVENT, PROOF_FILE, verify_proof_signature
+from services.core.layout import ADAPTERS_DIR, CERTIFIED_DIR, DNA_FILE, PROOF_FILE
+from services.core.ledger import ALGORITHM, PROOF_EVENT, verify_proof_signature
 
-CERTIFIED_DIR = "oneseek-certified"
 JSON_FILES = (*ARTIFACT_FILES, DNA_FILE, PROOF_FILE)
 
 

@@ -11,6 +11,8 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from services.api import metrics_pb2, training_pb2
 from services.api.codec import format_timestamp, now_timestamp
+from services.api.reports import check_report
+from services.api.run_state import RunState
 from services.metrics.fanout import EventFanout
 from services.metrics.records import (
     SOURCE_EXTERNAL,
@@ -18,9 +20,8 @@ from services.metrics.records import (
     RunRecord,
     record_from_run,
 )
-from services.metrics.reports import ReportRefused, check_report, plan_report
+from services.metrics.reports import ReportRefused, plan_report
 from services.metrics.store import MetricsStore
-from services.metrics.views import RunState
 
 log = logging.getLogger("oneseek.metrics")
 
@@ -85,7 +86,7 @@ class RunCatalog:
         record = await self.store.run(run_id)
         if record is None:
             return None
-        state = RunState.from_record(record)
+        state = record.state()
         # events committed while a page was being read are in the store but were published
         # before this state was cached: read until the state has caught up with them
         while True:
@@ -197,7 +198,7 @@ class RunCatalog:
                     total_epochs=total,
                 )
                 new_runs.append(record)
-                state = RunState.from_record(record)
+                state = record.state()
             plan = plan_report(state, request, now_timestamp())
             if not plan.events:
                 return plan.seq

@@ -1,5 +1,5 @@
 """One run's row in the metrics store: who owns the run, its settings, and the summary ListRuns
-shows; plus the rule by which each event moves that summary (shared by the store and RunState).
+shows (moved by each event as `services.api.run_state.summary_changes` says).
 """
 
 from __future__ import annotations
@@ -15,15 +15,14 @@ from services.api.codec import (
     message_to_dict,
     parse_timestamp,
     run_status_name,
+    run_status_value,
 )
+from services.api.run_state import RUNNING, RunState
 
 SOURCE_TRAINING = "training"
 """The run belongs to the training service; its events arrive through StreamEvents."""
 SOURCE_EXTERNAL = "external"
 """An outside training process reports the run's epochs through ReportMetrics."""
-
-RUNNING = "running"
-TERMINAL_STATUSES = frozenset({"completed", "auto_stopped", "stopped", "failed", "interrupted"})
 
 
 @dataclass(frozen=True)
@@ -62,10 +61,21 @@ class RunRecord:
             infos.append(info)
         return infos
 
+    def state(self) -> RunState:
+        """The run with none of its events applied yet (apply them from seq 1)."""
+        return RunState(
+            self.run_id,
+            config=self.run_config(),
+            models=self.model_infos(),
+            created_at=self.created_at,
+            status=self.status,
+            total_epochs=self.total_epochs,
+        )
+
     def summary(self) -> metrics_pb2.RunSummary:
         summary = metrics_pb2.RunSummary(
             run_id=self.run_id,
-            status=_status_value(self.status),
+            status=run_status_value(self.status),  # type: ignore[arg-type]
             current_epoch=self.current_epoch,
             total_epochs=self.total_epochs,
             base_models=list(self.base_models),
@@ -81,11 +91,6 @@ class RunRecord:
         if self.updated_at:
             summary.updated_at.CopyFrom(parse_timestamp(self.updated_at))
         return summary
-
-
-def _status_value(name: str) -> training_pb2.RunStatus.ValueType:
-    value = training_pb2.RunStatus.DESCRIPTOR.values_by_name.get(f"RUN_STATUS_{name.upper()}")
-    return training_pb2.RUN_STATUS_UNSPECIFIED if value is None else value.number  # type: ignore[return-value]
 
 
 def record_from_run(run: training_pb2.Run) -> RunRecord:
@@ -105,35 +110,3 @@ def record_from_run(run: training_pb2.Run) -> RunRecord:
         updated_at=created,
         total_epochs=config.epochs if config is not None else run.total_epochs,
     )
-
-
-def summary_changes(event: training_pb2.TrainingEvent) -> dict[str, Any]:
-    """The summary columns an event moves (status, epochs, best model, DNA), and nothing else.
-
-    An epoch_start sets the status back to running: after a terminal event that only happens
-    when a failed or interrupted run is resumed under the same id.
-    """
-    kind = event.WhichOneof("payload")
-    if kind == "epoch_start":
-        start = event.epoch_start
-        changes: dict[str, Any] = {"status": RUNNING}
-        if start.total_epochs:
-            changes["total_epochs"] = start.total_epochs
-        return changes
-    if kind == "epoch_end":
-        end = event.epoch_end
-        changes = {"current_epoch": end.current_epoch or end.epoch}
-        if end.total_epochs:
-            changes["total_epochs"] = end.total_epochs
-        return changes
-    if kind == "training_complete":
-        done = event.training_complete
-        changes = {"status": run_status_name(done.status) or "completed"}
-        if done.HasField("best_model"):
-            changes["best_model"] = done.best_model
-        if done.dna:
-            changes["dna"] = done.dna
-        return changes
-    if kind == "training_error":
-        return {"status": run_status_name(event.training_error.status) or "failed"}
-    return {}

@@ -1,5 +1,5 @@
-"""An outside training process's report of one epoch: checked field by field, then planned as
-the epoch_end event of its run (followed by training_complete when it is the run's last epoch).
+"""An outside training process's report of one epoch, once checked (`services.api.reports`):
+planned as the epoch_end event of its run (then training_complete when it is the run's last).
 
 Rules (what a client can rely on):
 - epochs are reported in increasing order, each once; a report is keyed by (run, epoch):
@@ -16,29 +16,21 @@ Pure: no I/O, no clock.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.api import metrics_pb2, training_pb2
-from services.core.checks import finite_number, whole_number
-from services.core.errors import InvalidInput, OneSeekError
-from services.core.training_config import validate_model_name, validate_run_id
-from services.metrics.views import RunState
-
-MAX_REPORTED_MODELS = 100
-MAX_EPOCHS = 1_000_000
-_MAPS = ("train_losses", "weights", "lr_multipliers")
+from services.api.run_state import RunState
+from services.core.errors import AlreadyExists, Conflict, InvalidInput
 
 
-class ReportRefused(OneSeekError):
-    """The run cannot take this report now (FAILED_PRECONDITION)."""
+class ReportRefused(Conflict):
+    """The run cannot take this report now."""
 
 
-class EpochAlreadyReported(ReportRefused):
-    """The epoch was already reported with other values (ALREADY_EXISTS)."""
+class EpochAlreadyReported(AlreadyExists):
+    """The epoch was already reported with other values."""
 
 
 @dataclass(frozen=True)
@@ -47,70 +39,6 @@ class ReportPlan:
     """The seq of the report's epoch_end (the stored one when the report is a retry)."""
     events: list[training_pb2.TrainingEvent] = field(default_factory=list)
     """What to store and publish, in order; empty for a retry."""
-
-
-def check_report(request: metrics_pb2.ReportMetricsRequest) -> None:
-    """Raises InvalidInput naming the first field that is wrong and what it allows."""
-    validate_run_id(request.run_id)
-    whole_number(request.epoch, "epoch", 1, MAX_EPOCHS)
-    if request.HasField("total_epochs"):
-        whole_number(request.total_epochs, "total_epochs", max(request.epoch, 1), MAX_EPOCHS)
-    if not request.val_losses:
-        raise InvalidInput(
-            "val_losses is empty: report the validation loss of at least one model, "
-            'e.g. {"my-model": 2.31}.',
-            field="val_losses",
-        )
-    if len(request.val_losses) > MAX_REPORTED_MODELS:
-        raise InvalidInput(
-            f"val_losses names {len(request.val_losses)} models; at most "
-            f"{MAX_REPORTED_MODELS} can be reported per run.",
-            field="val_losses",
-        )
-    for name, loss in request.val_losses.items():
-        validate_model_name(name, "val_losses")
-        _finite(loss, "val_losses", name)
-    for map_name in _MAPS:
-        values: Mapping[str, float] = getattr(request, map_name)
-        for name, value in values.items():
-            if name not in request.val_losses:
-                raise InvalidInput(
-                    f"{map_name} names model {name!r}, which has no entry in val_losses; "
-                    "report a model's validation loss with its other values.",
-                    field=map_name,
-                )
-            # a multiplier or a learning rate of 0 or less would stop or reverse training
-            _finite(value, map_name, name, positive=map_name != "train_losses")
-    if request.HasField("total_loss"):
-        finite_number(request.total_loss, "total_loss")
-    if request.HasField("progress_percent"):
-        finite_number(request.progress_percent, "progress_percent", low=0, high=100)
-    if request.HasField("auto_stop_info"):
-        _check_auto_stop(request.auto_stop_info)
-
-
-def _finite(value: float, field: str, model: str, *, positive: bool = False) -> None:
-    # the common case checked inline: this runs for every value of every report
-    if math.isfinite(value) and (value > 0 or not positive):
-        return
-    subject = f"{field}[{model!r}]"
-    if positive:
-        finite_number(value, field, low=0, low_inclusive=False, subject=subject)
-    finite_number(value, field, subject=subject)
-
-
-def _check_auto_stop(info: training_pb2.AutoStopInfo) -> None:
-    finite_number(info.threshold, "auto_stop_info", low=0, subject="auto_stop_info.threshold")
-    if info.HasField("current_change"):
-        finite_number(
-            info.current_change, "auto_stop_info", low=0, subject="auto_stop_info.current_change"
-        )
-    for name in ("patience", "min_epochs", "streak", "remaining"):
-        value = getattr(info, name)
-        if value < 0:
-            raise InvalidInput(
-                f"auto_stop_info.{name} must be 0 or more, got {value}.", field="auto_stop_info"
-            )
 
 
 def same_report(request: metrics_pb2.ReportMetricsRequest, stored: training_pb2.EpochEnd) -> bool:

@@ -21,6 +21,7 @@ from grpc import aio
 
 from services.api import metrics_pb2, metrics_pb2_grpc, training_pb2
 from services.api.codec import now_timestamp, run_status_name
+from services.api.run_state import RunState
 from services.api.runtime import (
     SERVER_OPTIONS,
     ServerTls,
@@ -34,17 +35,15 @@ from services.api.runtime import (
     metrics_addr,
     report_token,
     server_tls,
-    set_not_serving,
+    status_code,
     training_addr,
 )
-from services.core.errors import InvalidInput, NotFound, OneSeekError
+from services.core.errors import InvalidInput, OneSeekError
 from services.core.training_config import validate_run_id
 from services.metrics.catalog import PAGE_SIZE, RunCatalog
 from services.metrics.fanout import DEFAULT_QUEUE_SIZE, EventFanout, SubscriberTooSlow
 from services.metrics.follower import TrainingFollower
-from services.metrics.reports import EpochAlreadyReported, ReportRefused
 from services.metrics.store import MetricsStore, default_db_url, open_store
-from services.metrics.views import RunState
 
 log = logging.getLogger("oneseek.metrics")
 
@@ -57,18 +56,6 @@ Context = aio.ServicerContext[Any, Any]
 
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
-
-
-def _status_code(error: OneSeekError) -> grpc.StatusCode:
-    if isinstance(error, EpochAlreadyReported):
-        return grpc.StatusCode.ALREADY_EXISTS
-    if isinstance(error, ReportRefused):
-        return grpc.StatusCode.FAILED_PRECONDITION
-    if isinstance(error, NotFound):
-        return grpc.StatusCode.NOT_FOUND
-    if isinstance(error, InvalidInput):
-        return grpc.StatusCode.INVALID_ARGUMENT
-    return grpc.StatusCode.INTERNAL
 
 
 class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
@@ -159,7 +146,7 @@ class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
                 error.message,
             )
             return metrics_pb2.ReportResult(
-                code=_status_code(error).value[0], message=error.message, field=error.field or ""
+                code=status_code(error).value[0], message=error.message, field=error.field or ""
             )
         return metrics_pb2.ReportResult(seq=seq)
 
@@ -271,7 +258,7 @@ class MetricsServer:
 
     async def stop(self, grace: float = SHUTDOWN_GRACE_SECONDS) -> None:
         if self._health is not None:
-            await set_not_serving(self._health, [SERVICE_NAME])
+            await self._health.enter_graceful_shutdown()
         if self._follow_task is not None:
             self._follow_task.cancel()
             await asyncio.gather(self._follow_task, return_exceptions=True)

@@ -17,8 +17,9 @@ from typing import Any, TypeVar
 
 from services.api import training_pb2
 from services.api.codec import event_from_dict, event_to_dict
+from services.api.run_state import summary_changes
 from services.core.errors import InvalidInput
-from services.metrics.records import SOURCE_TRAINING, RunRecord, summary_changes
+from services.metrics.records import SOURCE_TRAINING, RunRecord
 
 T = TypeVar("T")
 

@@ -13,7 +13,7 @@ from typing import Protocol
 
 from services.api import training_pb2
 from services.core.errors import InvalidInput
-from services.core.ledger import state_dir
+from services.core.layout import state_dir
 from services.metrics.records import RunRecord
 from services.metrics.sqlite_store import SQLiteStore, sqlite_path
 

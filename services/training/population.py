@@ -24,6 +24,7 @@ from torch import nn
 
 from services.api import training_pb2
 from services.api.codec import run_status_name
+from services.api.run_config import RunConfig, adaptive_weights, auto_stop, config_to_dict, is_lora
 from services.core.adaptive_weights import (
     WeightAdjustment,
     adjust_weights,
@@ -33,7 +34,6 @@ from services.core.adaptive_weights import (
 )
 from services.core.auto_stop import AutoStopState, auto_stop_step
 from services.core.errors import ArtifactError, InvalidInput, NotFound, OneSeekError
-from services.core.training_config import RunConfig
 from services.training.checkpoints import (
     capture_rng,
     prune_checkpoints,
@@ -242,7 +242,7 @@ class PopulationTrainer:
             )
 
     def _wrap(self, model: nn.Module) -> nn.Module:
-        if self.config.method != "lora":
+        if not is_lora(self.config):
             return model
         from peft import LoraConfig, get_peft_model
         from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
@@ -443,7 +443,7 @@ class PopulationTrainer:
         """Everything but the tensors that the next epoch depends on (JSON)."""
         return {
             "run_id": self.run_id,
-            "config": self.config.to_dict(),
+            "config": config_to_dict(self.config),
             "dataset_sha256": self.dataset.sha256,
             "models": list(self.names),
             "weights": dict(self.weights),
@@ -485,7 +485,7 @@ class PopulationTrainer:
         on with the epoch after it."""
         checkpoint = read_checkpoint(path)
         state = checkpoint.state
-        if state.get("models") != self.names or state.get("config") != self.config.to_dict():
+        if state.get("models") != self.names or state.get("config") != config_to_dict(self.config):
             raise CheckpointMismatch(
                 f"The checkpoint {checkpoint.path} was written for other models or settings "
                 "than this run's; it cannot be resumed from. Start a new run."
@@ -536,7 +536,7 @@ class PopulationTrainer:
         cfg = self.config
         total = population_loss(val_losses, self.weights)
         adjustment: WeightAdjustment = adjust_weights(
-            self.weights, val_losses, cfg.adaptive_weights
+            self.weights, val_losses, adaptive_weights(cfg)
         )
         self.weights = dict(adjustment.weights)
         lrs = self.effective_lrs()
@@ -545,7 +545,7 @@ class PopulationTrainer:
             for group in slot.optimizer.param_groups:
                 group["lr"] = lrs[slot.name]
             applied[slot.name] = float(slot.optimizer.param_groups[0]["lr"])
-        self.auto_stop = auto_stop_step(self.auto_stop, total, cfg.auto_stop)
+        self.auto_stop = auto_stop_step(self.auto_stop, total, auto_stop(cfg))
         info = self._auto_stop_info()
 
         end = training_pb2.EpochEnd(
@@ -585,7 +585,7 @@ class PopulationTrainer:
 
         if self.auto_stop.triggered:
             fired = training_pb2.AutoStopTriggered(
-                epoch=epoch, window=self.auto_stop.window(cfg.auto_stop)
+                epoch=epoch, window=self.auto_stop.window(auto_stop(cfg))
             )
             fired.auto_stop_info.CopyFrom(info)
             self.events.emit("auto_stop_triggered", fired)
@@ -593,7 +593,7 @@ class PopulationTrainer:
         return False
 
     def _auto_stop_info(self) -> training_pb2.AutoStopInfo:
-        data = self.auto_stop.info(self.config.auto_stop)
+        data = self.auto_stop.info(auto_stop(self.config))
         info = training_pb2.AutoStopInfo(
             threshold=data["threshold"],
             patience=data["patience"],

@@ -22,11 +22,12 @@ from typing import TYPE_CHECKING, Any
 
 from services.api import training_pb2
 from services.api.codec import event_to_dict, run_status_name
+from services.api.run_config import RunConfig, config_to_dict
 from services.core.atomic import replace_dir_atomic, write_json_atomic
 from services.core.dna import build_dna, model_fingerprint, write_dna
 from services.core.errors import ArtifactError, InvalidInput
 from services.core.ledger import write_ledger_proof
-from services.core.training_config import TRAINING_CONFIG, RunConfig, validate_run_id
+from services.core.training_config import TRAINING_CONFIG, validate_run_id
 
 if TYPE_CHECKING:
     from services.training.population import PopulationTrainer
@@ -86,7 +87,7 @@ class RunFolder:
             {
                 "run_id": self.run_id,
                 "created_at": self.created_at,
-                "config": config.to_dict(),
+                "config": config_to_dict(config),
                 "models": models,
             },
         )
@@ -236,7 +237,7 @@ class RunFolder:
             "started_at": self.created_at,
             "finished_at": iso_now(),
             "duration_seconds": duration,
-            "config": config.to_dict(),
+            "config": config_to_dict(config),
             "dataset": trainer.dataset.summary(trainer.train_count, trainer.val_count),
             "base_models": [info.to_dict() for info in trainer.infos],
             "epochs_run": len(trainer.history),
@@ -311,7 +312,7 @@ class RunFolder:
                 dataset=trainer.dataset.summary(trainer.train_count, trainer.val_count),
                 run_dir=self.path,
                 final_weights=dict(trainer.weights),
-                training_config=trainer.config.to_dict(),
+                training_config=config_to_dict(trainer.config),
             )
             write_dna(self.path, doc)
             write_ledger_proof(

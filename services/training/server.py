@@ -17,27 +17,26 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import grpc
 from grpc import aio
 
 from services.api import training_pb2, training_pb2_grpc
+from services.api.run_config import read_request
 from services.api.runtime import (
     SERVER_OPTIONS,
     ServerTls,
     TokenAuthInterceptor,
-    abort,
+    abort_with,
     add_health_and_reflection,
     add_listening_port,
     admin_token,
     configure_logging,
     server_tls,
-    set_not_serving,
     training_addr,
 )
-from services.core.errors import InvalidInput, NotFound, OneSeekError
+from services.core.errors import OneSeekError
 from services.training.data import datasets_dir, list_datasets
 from services.training.models import discover_models, models_dir
-from services.training.service import Conflict, TooSlow, TrainingService, request_body
+from services.training.service import TrainingService
 
 log = logging.getLogger("oneseek.training.server")
 
@@ -46,24 +45,11 @@ _MUTATING = ("StartRun", "StopRun", "ResumeRun")
 T = TypeVar("T")
 
 
-def status_of(error: OneSeekError) -> grpc.StatusCode:
-    """One table from our errors to gRPC status codes."""
-    if isinstance(error, NotFound):
-        return grpc.StatusCode.NOT_FOUND
-    if isinstance(error, InvalidInput):
-        return grpc.StatusCode.INVALID_ARGUMENT
-    if isinstance(error, Conflict):
-        return grpc.StatusCode.FAILED_PRECONDITION
-    if isinstance(error, TooSlow):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED
-    return grpc.StatusCode.INTERNAL
-
-
 async def _answer(context: aio.ServicerContext[Any, Any], call: Callable[[], Awaitable[T]]) -> T:
     try:
         return await call()
     except OneSeekError as error:
-        await abort(context, status_of(error), error.message, error.field)
+        await abort_with(context, error)
 
 
 class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
@@ -73,7 +59,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
     async def StartRun(
         self, request: training_pb2.StartRunRequest, context: aio.ServicerContext[Any, Any]
     ) -> training_pb2.StartRunResponse:
-        record = await _answer(context, lambda: self.service.start(request_body(request)))
+        record = await _answer(context, lambda: self.service.start(read_request(request)))
         return training_pb2.StartRunResponse(run_id=record.run_id, status=record.status)  # type: ignore[arg-type]
 
     async def GetRun(
@@ -141,7 +127,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
             async for event in self.service.watch(request.run_id, request.after_seq):
                 yield event
         except OneSeekError as error:
-            await abort(context, status_of(error), error.message, error.field)
+            await abort_with(context, error)
 
     async def StreamEvents(
         self, request: training_pb2.StreamEventsRequest, context: aio.ServicerContext[Any, Any]
@@ -150,7 +136,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
             async for event in self.service.stream(request.after_cursor):
                 yield event
         except OneSeekError as error:
-            await abort(context, status_of(error), error.message, error.field)
+            await abort_with(context, error)
 
 
 async def serve(
@@ -198,7 +184,7 @@ async def serve(
         await stopping.wait()
     finally:
         log.info("shutting down: stopping active runs (grace %ss)", shutdown_grace)
-        await set_not_serving(health, [SERVICE_NAME])
+        await health.enter_graceful_shutdown()
         await service.shutdown(grace=shutdown_grace)
         await server.stop(grace=5)
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -24,13 +24,10 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.api import training_pb2
 from services.api.codec import now_timestamp, parse_timestamp
-from services.core.errors import InvalidInput, NotFound, OneSeekError
-from services.core.training_config import (
-    TRAINING_CONFIG,
-    RunConfig,
-    generate_run_id,
-    validate_run_id,
-)
+from services.api.run_config import RunConfig, build_config, config_from_dict, config_to_dict
+from services.core.errors import Conflict, InvalidInput, NotFound, OneSeekError, TooSlow
+from services.core.layout import ARTIFACTS
+from services.core.training_config import TRAINING_CONFIG, generate_run_id, validate_run_id
 from services.training.checkpoints import latest_checkpoint
 from services.training.data import load_dataset
 from services.training.events import EVENTS_FILE, append_events, read_events
@@ -47,15 +44,6 @@ INTERRUPTED = training_pb2.RUN_STATUS_INTERRUPTED
 FOREIGN_POLL = 1.0  # seconds between looks at a run another process still holds
 TERMINAL = ("training_complete", "training_error")
 SUBSCRIBER_QUEUE = 4096
-ARTIFACTS = ("live_metrics.json", "training_results.json", "oneseek_dna.json", "ledger_proof.json")
-
-
-class Conflict(OneSeekError):
-    """The request is valid but the service's state forbids it (FAILED_PRECONDITION)."""
-
-
-class TooSlow(OneSeekError):
-    """A subscriber fell behind its bounded queue and was dropped (RESOURCE_EXHAUSTED)."""
 
 
 class Subscription:
@@ -131,7 +119,7 @@ class RunRecord:
         run = training_pb2.Run(
             run_id=self.run_id,
             status=self.status,  # type: ignore[arg-type]
-            config=config_to_proto(self.config),
+            config=self.config,
             created_at=self.created_at,
             current_epoch=self.current_epoch,
             total_epochs=self.config.epochs,
@@ -150,60 +138,6 @@ class RunRecord:
         for model in self.models:
             run.models.add(**model)
         return run
-
-
-def config_to_proto(config: RunConfig) -> training_pb2.RunConfig:
-    data = config.to_dict()
-    aw, stop = data.pop("adaptive_weights"), data.pop("auto_stop")
-    method = data.pop("method")
-    message = training_pb2.RunConfig(**data)
-    message.method = (
-        training_pb2.TRAINING_METHOD_FULL if method == "full" else training_pb2.TRAINING_METHOD_LORA
-    )
-    message.adaptive_weights.CopyFrom(training_pb2.AdaptiveWeightsConfig(**aw))
-    message.auto_stop.CopyFrom(training_pb2.AutoStopConfig(**stop))
-    return message
-
-
-# StartRunRequest field -> the camelCase name of the start body, so gRPC and REST share one
-# validator (RunConfig.from_request) and its messages.
-_REQUEST_FIELDS = {
-    "epochs": "epochs",
-    "learning_rate": "learningRate",
-    "auto_stop_threshold": "autoStopThreshold",
-    "auto_stop_patience": "autoStopPatience",
-    "min_epochs": "minEpochs",
-    "batch_size": "batchSize",
-    "seed": "seed",
-    "lora_rank": "loraRank",
-    "max_seq_length": "maxSeqLength",
-    "lora_alpha": "loraAlpha",
-    "lora_dropout": "loraDropout",
-    "validation_split": "validationSplit",
-    "refresh_interval": "refreshInterval",
-}
-
-
-def request_body(request: training_pb2.StartRunRequest) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "datasetId": request.dataset_id or None,
-        "baseModels": list(request.base_models),
-    }
-    for name, camel in _REQUEST_FIELDS.items():
-        if request.HasField(name):  # type: ignore[arg-type]
-            body[camel] = getattr(request, name)
-    if request.method == training_pb2.TRAINING_METHOD_FULL:
-        body["method"] = "full"
-    elif request.method == training_pb2.TRAINING_METHOD_LORA:
-        body["method"] = "lora"
-    elif request.method != training_pb2.TRAINING_METHOD_UNSPECIFIED:
-        # an enum value this service does not know: never guess a training method
-        raise InvalidInput(
-            f"method {request.method} is not a training method; use TRAINING_METHOD_LORA (1) "
-            "or TRAINING_METHOD_FULL (2), or leave it unset for the configured default.",
-            field="method",
-        )
-    return body
 
 
 class Journal:
@@ -325,7 +259,7 @@ class TrainingService:
         record = RunRecord(
             run_id=folder.run_id,
             folder=folder,
-            config=RunConfig.from_dict(manifest["config"]),
+            config=config_from_dict(manifest["config"]),
             models=list(manifest.get("models", [])),
             created_at=parse_timestamp(manifest["created_at"]),
         )
@@ -357,9 +291,10 @@ class TrainingService:
     def active(self) -> list[RunRecord]:
         return [r for r in self.runs.values() if r.status == RUNNING and r.worker is not None]
 
-    async def start(self, body: dict[str, Any]) -> RunRecord:
-        """Validates everything, creates the run folder and starts the worker."""
-        config = RunConfig.from_request(body)
+    async def start(self, values: dict[str, Any]) -> RunRecord:
+        """Validates everything, creates the run folder and starts the worker. `values`: the
+        start options given (run_config.read_request)."""
+        config = build_config(values)
         async with self._start_lock:
             self._check_capacity()
             models, dataset = await asyncio.to_thread(self._resolve, config)
@@ -393,7 +328,7 @@ class TrainingService:
         self, record: RunRecord, start_seq: int = 0, resume_from: Path | None = None
     ) -> None:
         spec = {
-            "config": record.config.to_dict(),
+            "config": config_to_dict(record.config),
             "run_dir": str(record.folder.path),
             "models_root": str(self.models_root),
             "datasets_root": str(self.datasets_root),

@@ -16,8 +16,8 @@ from rich.progress import (
 from rich.table import Table
 
 from services.api import training_pb2
-from services.api.codec import run_status_name
-from services.core.training_config import RunConfig
+from services.api.codec import message_to_dict, run_status_name
+from services.api.run_config import RunConfig
 from services.training.population import StepInfo
 
 
@@ -44,7 +44,7 @@ class TerminalDisplay:
         models = ", ".join(self.config.base_models)
         self.console.print(
             f"[bold]{self.run_id}[/]: {models} on '{self.config.dataset_id}', "
-            f"{self.config.epochs} epoch(s), method {self.config.method}, "
+            f"{self.config.epochs} epoch(s), method {message_to_dict(self.config)['method']}, "
             f"learning rate {self.config.learning_rate:g}"
         )
         self.progress.start()

@@ -33,7 +33,7 @@ def worker_main(spec: dict[str, Any], conn: Connection) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the service's terminal
 
-    from services.core.training_config import RunConfig
+    from services.api.run_config import config_from_dict
     from services.training.data import load_dataset
     from services.training.events import EVENTS_FILE, EventLog
     from services.training.models import resolve_models
@@ -62,7 +62,7 @@ def worker_main(spec: dict[str, Any], conn: Connection) -> None:
         except (BrokenPipeError, OSError):
             os._exit(EXIT_ORPHANED)
 
-    config = RunConfig.from_dict(spec["config"])
+    config = config_from_dict(spec["config"])
     folder = RunFolder(Path(spec["run_dir"]))
     resume_from = spec.get("resume_from")
     # a resumed run's previous worker may still be on its way out, or someone is reading the

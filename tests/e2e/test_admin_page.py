@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from services.api.codec import event_to_dict, now_timestamp
+from services.api.run_state import RunState, fold
 from services.core.verify import verify_run_folder
-from services.metrics.views import RunState, fold
 from services.training.run_folder import LOCK_FILE
 from tests.metrics.sample_run import RUN_ID as SAMPLE_RUN_ID
 from tests.metrics.sample_run import run_events, run_message, three_epochs

@@ -15,6 +15,7 @@ from openapi_spec_validator import validate as validate_openapi
 from gateway.openapi import build_document
 from gateway.settings import STATIC_DIR as STATIC
 from services.api import training_pb2
+from services.api.run_config import START_OPTIONS
 from services.core.training_config import get_config
 from tests.gateway.conftest import (
     ADMIN,
@@ -64,8 +65,17 @@ async def test_openapi_is_valid_and_lists_every_route(gateway: Client) -> None:
 # ---- reads --------------------------------------------------------------------------------------
 
 
-async def test_config_is_the_training_config(gateway: Client) -> None:
-    assert await answer(await gateway.get("/api/config"), 200) == get_config()
+async def test_config_is_the_training_config_and_the_start_options(gateway: Client) -> None:
+    config = await answer(await gateway.get("/api/config"), 200)
+    options = config.pop("start_options")
+    assert config == get_config()
+    assert [o["name"] for o in options] == [o.camel for o in START_OPTIONS]
+    epochs = next(o for o in options if o["name"] == "epochs")
+    limits = get_config()["limits"]
+    assert epochs["default"] == get_config()["defaults"]["epochs"]
+    assert epochs["schema"]["maximum"] == limits["max_epochs"] and epochs["group"] == "training"
+    method = next(o for o in options if o["name"] == "method")
+    assert [c["value"] for c in method["choices"]] == ["lora", "full"]
 
 
 async def test_models_and_datasets(gateway: Client) -> None:

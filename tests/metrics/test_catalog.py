@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 
 from services.api import metrics_pb2, training_pb2
+from services.api.run_state import RunState, fold
 from services.metrics.catalog import RunCatalog
 from services.metrics.fanout import EventFanout
 from services.metrics.records import record_from_run
 from services.metrics.reports import ReportRefused
 from services.metrics.sqlite_store import SQLiteStore
-from services.metrics.views import RunState, fold
 from tests.metrics.sample_run import RUN_ID, run_events, run_message, three_epochs
 
 
@@ -57,7 +57,7 @@ async def test_a_state_loaded_while_events_arrive_misses_none(store: GatedStore)
     store.gate.set()
     state = await loading
     assert state is not None and state.last_seq == 9
-    expected = fold(RunState.from_record(record_from_run(run_message())), events[:9])
+    expected = fold(RunState.of_run(run_message()), events[:9])
     assert state.metrics() == expected.metrics()
     await catalog.commit(events[9:])
     assert state.last_seq == len(events) and state.status == "completed"

@@ -11,14 +11,10 @@ from hypothesis import strategies as st
 
 from services.api import metrics_pb2, training_pb2
 from services.api.codec import now_timestamp
+from services.api.reports import check_report
+from services.api.run_state import RunState
 from services.core.errors import InvalidInput
-from services.metrics.reports import (
-    EpochAlreadyReported,
-    ReportRefused,
-    check_report,
-    plan_report,
-)
-from services.metrics.views import RunState
+from services.metrics.reports import EpochAlreadyReported, ReportRefused, plan_report
 
 RUN = "run-20260201-090000"
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from services.api import training_pb2
 from services.api.codec import event_to_dict
-from services.core.training_config import RunConfig
+from services.api.run_config import config_from_body
 from services.core.verify import verify_run_folder
 from services.training import checkpoints
 from services.training.checkpoints import (
@@ -233,7 +233,7 @@ def trainer_for(
     names: list[str] = MODELS,
 ) -> PopulationTrainer:
     models, datasets = workspace
-    config = RunConfig.from_request({**REQUEST, "baseModels": names})
+    config = config_from_body({**REQUEST, "baseModels": names})
     if folder is None:
         folder = RunFolder.create(models, run_id)
         folder.write_manifest(config, [])

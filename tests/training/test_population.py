@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from services.api import training_pb2
 from services.api.codec import event_to_dict
-from services.core.training_config import RunConfig
+from services.api.run_config import RunConfig, config_from_body
 from services.core.verify import verify_run_folder
 from services.training.data import load_dataset
 from services.training.events import EVENTS_FILE, EventLog, read_events
@@ -44,7 +44,7 @@ def train(
     on_step: Any = None,
     **request: Any,
 ) -> Run:
-    config = RunConfig.from_request({"datasetId": "small", **request})
+    config = config_from_body({"datasetId": "small", **request})
     folder = RunFolder.create(models_dir, run_id)
     events: list[dict[str, Any]] = []
     log = EventLog(

@@ -10,12 +10,12 @@ import threading
 from pathlib import Path
 
 from services.api import training_pb2
-from services.core.training_config import RunConfig
+from services.api.run_config import config_from_body
 from services.training.events import EVENTS_FILE, EventLog, read_events
 from services.training.run_folder import RunFolder
 from services.training.service import TrainingService
 
-CONFIG = RunConfig.from_request({"datasetId": "small", "baseModels": ["tiny-gpt2"], "epochs": 3})
+CONFIG = config_from_body({"datasetId": "small", "baseModels": ["tiny-gpt2"], "epochs": 3})
 
 
 def run_with_one_epoch(models: Path, run_id: str) -> RunFolder:

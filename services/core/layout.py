@@ -1,0 +1,36 @@
+"""Where the suite keeps things: its own state folder, and the names inside a run folder
+(DESIGN.md section 7). Names and paths only: nothing here touches the disk.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from services.core.training_config import TRAINING_CONFIG
+
+STATE_DIR_ENV = "ONESEEK_STATE_DIR"
+CERTIFIED_DIR = str(TRAINING_CONFIG["metadata"]["certified_dir"])
+
+# ---- inside `$MODELS_DIR/oneseek-certified/<runId>/` ----------------------------------------
+MANIFEST_FILE = "run.json"
+EVENTS_FILE = "events.jsonl"
+LIVE_METRICS_FILE = "live_metrics.json"
+RESULTS_FILE = "training_results.json"
+DNA_FILE = "oneseek_dna.json"
+PROOF_FILE = "ledger_proof.json"
+ADAPTERS_DIR = "adapters"
+CHECKPOINTS_DIR = "checkpoints"
+
+ARTIFACTS = (LIVE_METRICS_FILE, RESULTS_FILE, DNA_FILE, PROOF_FILE)
+"""The run folder's JSON files a client may fetch (GetArtifact, GET …/artifacts/{name})."""
+
+
+def state_dir() -> Path:
+    """The suite's own state (keys, database, journal, token): $ONESEEK_STATE_DIR or ./var."""
+    return Path(os.environ.get(STATE_DIR_ENV) or "var")
+
+
+def certified_root(models_root: Path) -> Path:
+    """The folder every run folder lives in."""
+    return Path(models_root) / CERTIFIED_DIR
