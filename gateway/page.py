@@ -1,5 +1,6 @@
 """The admin page: `gateway/static/index.html` at `/`, the rest of `gateway/static/` under
-`/static/`, and the security headers every response carries.
+`/static/`, the ES module of the training config at `/static/trainingConfig.js`, and the
+security headers every response carries.
 
 The page's policy allows scripts and styles only from the gateway itself (no inline script),
 connections only back to it (REST and the websocket), and no framing by other sites.
@@ -7,9 +8,12 @@ connections only back to it (REST and the websocket), and no framing by other si
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from aiohttp import web
+
+from services.core.training_config import MODEL_NAME_RE, NAME_RULE, get_config
 
 CONTENT_SECURITY_POLICY = "; ".join(
     [
@@ -49,6 +53,21 @@ async def security_headers(request: web.Request, response: web.StreamResponse) -
         headers.setdefault("Cache-Control", "no-cache")
 
 
+def training_config_module(static_dir: Path) -> str:
+    """`/static/trainingConfig.js`: Python's TRAINING_CONFIG, and generateRunId() and
+    validateBaseModels() bound to it, as one self-contained ES module (config_rules.js plus the
+    config), for the page and for Node tools (save it and import it)."""
+    rules = (static_dir / "config_rules.js").read_text(encoding="utf-8")
+    config = json.dumps(get_config(), indent=2)
+    return (
+        f"{rules}\n// ---- bound to this gateway's config (services/core/training_config.py) ----\n"
+        f"export const TRAINING_CONFIG = deepFreeze({config});\n"
+        f"export const MODEL_NAME_PATTERN = {json.dumps(MODEL_NAME_RE.pattern)};\n"
+        "export const { generateRunId, validateBaseModels } = makeRules(\n"
+        f"  TRAINING_CONFIG, MODEL_NAME_PATTERN, {json.dumps(NAME_RULE)});\n"
+    )
+
+
 def page_routes(static_dir: Path) -> list[web.AbstractRouteDef]:
     index = static_dir / "index.html"
 
@@ -60,6 +79,14 @@ def page_routes(static_dir: Path) -> list[web.AbstractRouteDef]:
         return web.Response(body=_MISSING_PAGE, content_type="text/html", headers=headers)
 
     routes: list[web.AbstractRouteDef] = [web.get("/", page)]
+    if (static_dir / "config_rules.js").is_file():
+        module = training_config_module(static_dir).encode()
+
+        async def config_module(request: web.Request) -> web.StreamResponse:
+            return web.Response(body=module, content_type="text/javascript", charset="utf-8")
+
+        # before the static folder, which would otherwise answer 404 for it
+        routes.append(web.get("/static/trainingConfig.js", config_module))
     if static_dir.is_dir():
         routes.append(web.static("/static/", static_dir, follow_symlinks=False))
     return routes

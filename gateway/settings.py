@@ -64,7 +64,7 @@ class GatewaySettings:
     feed_linger: float = 60.0
     """A run's feed with no client stays subscribed this long, for quick reconnects."""
     resubscribe_initial: float = 0.1
-    resubscribe_max: float = 5.0
+    resubscribe_max: float = 1.0
     ws_max_per_ip: int = DEFAULT_WS_MAX_PER_IP
     """Open websockets one client address may hold at once (0: no limit); one more is refused
     with 429 before the upgrade. Behind a reverse proxy every client has the proxy's address:

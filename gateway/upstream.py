@@ -1,8 +1,8 @@
 """The gateway's gRPC side: one channel to each service, opened and closed with the app, a
 deadline on every unary call, and every failure turned into an `ApiError` by one table.
 
-A channel reconnects by itself when its service comes back; its reconnect backoff is capped at
-a few seconds (gRPC's default cap is two minutes), so the gateway recovers promptly.
+A channel reconnects by itself when its service comes back, within a second (the reconnect
+backoff of services.api.runtime.CHANNEL_OPTIONS), so the gateway recovers promptly.
 """
 
 from __future__ import annotations
@@ -16,16 +16,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from gateway.errors import from_rpc
 from gateway.settings import GatewaySettings
 from services.api import metrics_pb2_grpc, training_pb2_grpc
-from services.api.runtime import CHANNEL_OPTIONS, bearer, client_channel, client_tls_ca
+from services.api.runtime import bearer, client_channel, client_tls_ca
 
 Reply = TypeVar("Reply")
 Reply_co = TypeVar("Reply_co", covariant=True)
-
-_RECONNECT = [
-    ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.min_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 3000),
-]
 
 
 class _UnaryCall(Protocol[Reply_co]):
@@ -43,9 +37,7 @@ class Service:
         self.name = name
         self.addr = addr
         self.timeout = timeout
-        self.channel = client_channel(
-            addr, root_certificates, options=[*CHANNEL_OPTIONS, *_RECONNECT]
-        )
+        self.channel = client_channel(addr, root_certificates)
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
     async def call(

@@ -1,37 +1,82 @@
-// The "New run" form: defaults and limits come from /api/config (none are written here), the
-// body goes out camelCase, and the server's {"message", "field"} is shown beside that field.
+// The "New run" form: its fields are drawn from the start options of /api/config (label, help,
+// limits, default: none are written here), the body goes out camelCase, and the server's
+// {"message", "field"} is shown beside that field.
 
 import { formatCount } from "./format.js";
+import { validateBaseModels } from "./trainingConfig.js";
 
-/** Request field -> where its default (and limit) live in /api/config. */
-const NUMBER_FIELDS = {
-  epochs: { default: ["defaults", "epochs"], min: 1, max: ["limits", "max_epochs"], integer: true },
-  learningRate: { default: ["defaults", "learning_rate"], min: 0 },
-  batchSize: {
-    default: ["defaults", "batch_size"],
-    min: 1,
-    max: ["limits", "max_batch_size"],
-    integer: true,
-  },
-  seed: { default: ["defaults", "seed"], min: 0, integer: true },
-  loraRank: {
-    default: ["defaults", "lora_rank"],
-    min: 1,
-    max: ["limits", "max_lora_rank"],
-    integer: true,
-  },
-  autoStopThreshold: { default: ["confidence_auto_stop", "threshold"], min: 0 },
-  autoStopPatience: { default: ["confidence_auto_stop", "patience"], min: 1, integer: true },
-  minEpochs: { default: ["confidence_auto_stop", "min_epochs"], min: 1, integer: true },
-};
+/** Options the page draws itself (the dataset select, the model picker), not from the list. */
+const OWN_FIELDS = ["datasetId", "baseModels"];
+/** A bound beyond this is a guard against absurd input, not a limit worth a hint. */
+const HINTED_BOUND = 1e6;
 
-const FIELD_NAMES = ["datasetId", "baseModels", "method", ...Object.keys(NUMBER_FIELDS)];
+/** What the limits allow, in a few characters: "1–100", "> 0", "≥ 1", "≥ 0, < 1". */
+export function limitHint(schema) {
+  const low = schema.minimum ?? schema.exclusiveMinimum;
+  const high = schema.maximum ?? schema.exclusiveMaximum;
+  const shownHigh = high !== undefined && high <= HINTED_BOUND ? high : undefined;
+  const lowStrict = schema.exclusiveMinimum !== undefined;
+  const highStrict = schema.exclusiveMaximum !== undefined;
+  if (low !== undefined && shownHigh !== undefined && !lowStrict && !highStrict) {
+    return `${low}–${shownHigh}`;
+  }
+  const parts = [];
+  if (low !== undefined) parts.push(`${lowStrict ? ">" : "≥"} ${low}`);
+  if (shownHigh !== undefined) parts.push(`${highStrict ? "<" : "≤"} ${shownHigh}`);
+  return parts.join(", ");
+}
 
-function lookup(config, path) {
-  return path.reduce(
-    (node, key) => (node && typeof node === "object" ? node[key] : undefined),
-    config,
-  );
+function element(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+/** One option's field: label, control, limit hint and error line, ids as the errors name them. */
+function drawField(option) {
+  const { name, schema } = option;
+  const field = element("div", "field");
+  field.dataset.field = name;
+  const label = element("label", "label", option.label);
+  label.htmlFor = name;
+  let control;
+  if (option.choices.length) {
+    control = element("select");
+    for (const choice of option.choices) {
+      const item = element("option", "", choice.label);
+      item.value = choice.value;
+      control.append(item);
+    }
+  } else if (schema.type === "boolean") {
+    control = element("input");
+    control.type = "checkbox";
+  } else {
+    control = element("input");
+    control.type = "number";
+    control.inputMode = schema.type === "integer" ? "numeric" : "decimal";
+    control.step = schema.type === "integer" ? "1" : "any";
+    const low = schema.minimum ?? schema.exclusiveMinimum;
+    const high = schema.maximum ?? schema.exclusiveMaximum;
+    if (low !== undefined) control.min = String(low);
+    if (high !== undefined) control.max = String(high);
+  }
+  control.id = name;
+  control.name = name;
+  control.title = option.help;
+  control.setAttribute("aria-describedby", `${name}-hint ${name}-error`);
+  if (option.default !== null && option.default !== undefined) {
+    if (control.type === "checkbox") control.checked = option.default === true;
+    else control.value = String(option.default);
+    if (control.type === "number") control.placeholder = String(option.default);
+  }
+  const hint = element("span", "hint", control.type === "number" ? limitHint(schema) : "");
+  hint.id = `${name}-hint`;
+  const error = element("p", "field-error");
+  error.id = `${name}-error`;
+  error.hidden = true;
+  field.append(label, control, hint, error);
+  return field;
 }
 
 export class TrainingForm {
@@ -42,7 +87,7 @@ export class TrainingForm {
     this.dataset = form.querySelector("#datasetId");
     this.modelsList = form.querySelector("#models-list");
     this.modelsCount = form.querySelector("#models-count");
-    this.method = form.querySelector("#method");
+    this.options = [];
     this.formError = form.querySelector("#form-error");
     this.submitButton = form.querySelector("#start-button");
     form.addEventListener("submit", (event) => {
@@ -52,35 +97,21 @@ export class TrainingForm {
     form.addEventListener("input", (event) =>
       this.clearError(event.target.name || event.target.id),
     );
-    this.method.addEventListener("change", () => this.syncMethod());
+    form.addEventListener("change", () => this.syncConditions());
     this.modelsList.addEventListener("change", () => this.syncModels());
   }
 
-  /** Defaults, limits and hints from the gateway's training config. */
+  /** The fields of every start option, with their defaults, limits and hints, from the
+   * gateway's training config. */
   applyConfig(config) {
     // the server enforces the limit in any case; without it here, the page just does not
-    this.maxModels = lookup(config, ["limits", "max_models"]) ?? Infinity;
-    for (const [name, spec] of Object.entries(NUMBER_FIELDS)) {
-      const input = this.form.querySelector(`#${name}`);
-      const value = lookup(config, spec.default);
-      const max = spec.max ? lookup(config, spec.max) : undefined;
-      input.min = String(spec.min);
-      if (max !== undefined) input.max = String(max);
-      input.step = spec.integer ? "1" : "any";
-      if (value !== undefined && value !== null) {
-        input.value = String(value);
-        input.placeholder = String(value);
-        input.dataset.default = String(value);
-      }
-      const hint = this.form.querySelector(`#${name}-hint`);
-      if (hint) {
-        if (max !== undefined) hint.textContent = `${spec.min}–${max}`;
-        else if (name === "learningRate") hint.textContent = "> 0";
-        else hint.textContent = `≥ ${spec.min}`;
-      }
+    this.maxModels = config?.limits?.max_models ?? Infinity;
+    this.options = (config?.start_options ?? []).filter((o) => !OWN_FIELDS.includes(o.name));
+    for (const group of this.form.querySelectorAll("[data-group]")) {
+      const fields = this.options.filter((option) => option.group === group.dataset.group);
+      group.replaceChildren(...fields.map(drawField));
+      group.closest(".group").hidden = fields.length === 0;
     }
-    const method = lookup(config, ["defaults", "method"]);
-    if (method) this.method.value = method;
     const autoStop = config?.confidence_auto_stop;
     const note = this.form.querySelector("#auto-stop-note");
     if (note && autoStop && autoStop.enabled === false) {
@@ -90,7 +121,7 @@ export class TrainingForm {
     const upTo = Number.isFinite(this.maxModels) ? ` to ${this.maxModels}` : " or more";
     this.form.querySelector("#baseModels-help").textContent =
       `Pick 1${upTo}; every one trains on the same data, side by side.`;
-    this.syncMethod();
+    this.syncConditions();
     this.syncModels();
   }
 
@@ -186,29 +217,39 @@ export class TrainingForm {
     if (count) this.clearError("baseModels");
   }
 
-  syncMethod() {
-    const rank = this.form.querySelector("#loraRank");
-    rank.disabled = this.method.value !== "lora";
+  /** An option that only means something while others have given values (LoRA's settings
+   * with the LoRA method) is disabled, and left out of the body, otherwise. */
+  syncConditions() {
+    for (const option of this.options) {
+      const control = this.form.querySelector(`#${option.name}`);
+      control.disabled = Object.entries(option.when ?? {}).some(
+        ([other, value]) => this.form.querySelector(`#${other}`)?.value !== value,
+      );
+    }
   }
 
-  /** The camelCase start body; null (with the field marked) when an input is not a number. */
+  /** The camelCase start body; null (with the field marked) when an input is not valid. */
   collect() {
-    const body = {
-      datasetId: this.dataset.value || null,
-      baseModels: this.selectedModels(),
-      method: this.method.value,
-    };
+    const body = { datasetId: this.dataset.value || null, baseModels: this.selectedModels() };
     let valid = true;
-    for (const name of Object.keys(NUMBER_FIELDS)) {
-      const input = this.form.querySelector(`#${name}`);
-      if (input.disabled) continue;
-      if (input.validity.badInput) {
-        this.showFieldError(name, "Enter a number here.");
+    try {
+      validateBaseModels(body.baseModels); // the server's own rule and words, without a trip
+    } catch (error) {
+      this.showFieldError("baseModels", error.message);
+      valid = false;
+    }
+    for (const option of this.options) {
+      const control = this.form.querySelector(`#${option.name}`);
+      if (control.disabled) continue;
+      if (control.tagName === "SELECT") body[option.name] = control.value;
+      else if (control.type === "checkbox") body[option.name] = control.checked;
+      else if (control.validity.badInput) {
+        this.showFieldError(option.name, "Enter a number here.");
         valid = false;
-        continue;
+      } else if (control.value.trim() !== "") {
+        // empty: the server's default applies (shown as the placeholder)
+        body[option.name] = Number(control.value);
       }
-      // empty: the server's default applies (shown as the placeholder)
-      if (input.value.trim() !== "") body[name] = Number(input.value);
     }
     if (body.datasetId === null) delete body.datasetId; // the server names what is missing
     return valid ? body : null;
@@ -236,7 +277,7 @@ export class TrainingForm {
   /** An ApiError: beside its field when the form has one, else above the Start button. */
   showError(error) {
     const field = error?.field;
-    if (field && FIELD_NAMES.includes(field)) {
+    if (field && this.fieldNames().includes(field)) {
       this.showFieldError(field, error.message);
       this.focusFirstError();
     } else {
@@ -255,6 +296,10 @@ export class TrainingForm {
     control?.closest(".field, fieldset")?.classList.add("has-error");
   }
 
+  fieldNames() {
+    return [...OWN_FIELDS, ...this.options.map((option) => option.name)];
+  }
+
   fieldControl(field) {
     if (field === "baseModels") return this.form.querySelector("#models-fieldset");
     return this.form.querySelector(`#${field}`);
@@ -269,7 +314,7 @@ export class TrainingForm {
   }
 
   clearError(field) {
-    if (!field || !FIELD_NAMES.includes(field)) return;
+    if (!field || !this.fieldNames().includes(field)) return;
     const target = this.form.querySelector(`#${field}-error`);
     if (target) {
       target.hidden = true;
@@ -281,7 +326,7 @@ export class TrainingForm {
   }
 
   clearErrors() {
-    for (const field of FIELD_NAMES) this.clearError(field);
+    for (const field of this.fieldNames()) this.clearError(field);
     this.formError.hidden = true;
     this.formError.textContent = "";
   }

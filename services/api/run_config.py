@@ -321,7 +321,7 @@ START_OPTIONS: tuple[StartOption, ...] = (
     ),
     StartOption(
         "max_seq_length",
-        "Max sequence length",
+        "Max tokens",
         "Tokens per example after truncation.",
         default=("defaults", "max_seq_length"),
         low=8,

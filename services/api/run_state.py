@@ -134,22 +134,21 @@ class RunState:
             return True
         self.timestamp = event.timestamp
         if kind == "epoch_start" and self.finished:
-            self._resumed(event.epoch_start)
+            self.resume(event.epoch_start.epoch, event.epoch_start.total_epochs)
         for name, value in summary_changes(event).items():
             setattr(self, name, value)
         getattr(self, f"_on_{kind}")(getattr(event, kind), event.seq)
         return True
 
-    def _resumed(self, start: training_pb2.EpochStart) -> None:
-        """An epoch_start after the run's terminal event: the run was resumed and trains again
-        from `start.epoch`; what the ending said no longer holds."""
-        self.error = None
-        self.best_model = None
-        self.dna = None
+    def resume(self, epoch: int, total_epochs: int = 0) -> None:
+        """The run trains again from `epoch` (an epoch_start after its terminal event, or the
+        training service resuming it): what its ending said no longer holds."""
+        self.status = RUNNING
+        self.error = self.best_model = self.dna = None
         self.finished_at = None
-        total = start.total_epochs or self.total_epochs
+        total = total_epochs or self.total_epochs
         if total:
-            self.progress_percent = 100.0 * (start.epoch - 1) / total
+            self.progress_percent = 100.0 * (epoch - 1) / total
 
     def _on_epoch_start(self, start: training_pb2.EpochStart, seq: int) -> None:
         self._merge(start.weights, start.lr_multipliers)

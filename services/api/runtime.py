@@ -3,7 +3,9 @@ addresses, and the error answer that names its field.
 
 Keepalive and message sizes are set deliberately: streams are long-lived (a run lasts hours),
 so both ends ping an idle connection and a dead peer is noticed within about a minute; events
-are small, so 16 MiB is generous for a full metrics history and refuses absurd messages.
+are small, so 16 MiB is generous for a full metrics history and refuses absurd messages. Every
+channel retries a lost connection at least once a second (gRPC's own backoff grows to two
+minutes), so a service that comes back is reached again within a second.
 
 TLS is optional: a server given a certificate and key (`--tls-cert/--tls-key` or
 ONESEEK_TLS_CERT/ONESEEK_TLS_KEY) listens with TLS only; a client given a CA bundle
@@ -47,8 +49,12 @@ SERVER_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it
 ]
+RECONNECT_BACKOFF_MS = 1000
 CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     *_KEEPALIVE,
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.enable_retries", 1),
@@ -69,10 +75,6 @@ def admin_token() -> str | None:
 
 def report_token() -> str | None:
     return os.environ.get("ONESEEK_REPORT_TOKEN") or None
-
-
-def insecure_channel(addr: str) -> aio.Channel:
-    return aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
 
 
 # ---- TLS ------------------------------------------------------------------------------------
@@ -156,8 +158,10 @@ def client_channel(
 def blocking_channel(addr: str, root_certificates: bytes | None = None) -> grpc.Channel:
     """A blocking channel (health checks from `oneseek up` and scripts), TLS as above."""
     if root_certificates is None:
-        return grpc.insecure_channel(addr)
-    return grpc.secure_channel(addr, channel_credentials(root_certificates))
+        return grpc.insecure_channel(addr, options=CHANNEL_OPTIONS)
+    return grpc.secure_channel(
+        addr, channel_credentials(root_certificates), options=CHANNEL_OPTIONS
+    )
 
 
 def add_listening_port(server: aio.Server, addr: str, tls: ServerTls | None) -> int:

@@ -141,7 +141,7 @@ def generate_run_id(
 MODEL_NAME_RE: re.Pattern[str] = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 """A folder name under MODELS_DIR or DATASETS_DIR, never a path. Use with fullmatch."""
 
-_NAME_RULE = (
+NAME_RULE = (
     "use 1 to 128 ASCII letters, digits, '.', '_' or '-', starting with a letter or digit, "
     "with no '..' (a folder name, not a path)"
 )
@@ -154,7 +154,7 @@ def _valid_name(name: object) -> bool:
 def validate_model_name(name: object, field: str = "baseModels") -> str:
     """Return `name` if it can only ever name a folder directly under MODELS_DIR."""
     if not _valid_name(name):
-        raise InvalidInput(f"Model name {name!r} is not valid: {_NAME_RULE}.", field=field)
+        raise InvalidInput(f"Model name {name!r} is not valid: {NAME_RULE}.", field=field)
     assert isinstance(name, str)
     return name
 
@@ -162,7 +162,7 @@ def validate_model_name(name: object, field: str = "baseModels") -> str:
 def validate_dataset_id(dataset_id: object, field: str = "datasetId") -> str:
     """Return `dataset_id` if it can only ever name `<id>.jsonl` directly under DATASETS_DIR."""
     if not _valid_name(dataset_id):
-        raise InvalidInput(f"Dataset id {dataset_id!r} is not valid: {_NAME_RULE}.", field=field)
+        raise InvalidInput(f"Dataset id {dataset_id!r} is not valid: {NAME_RULE}.", field=field)
     assert isinstance(dataset_id, str)
     return dataset_id
 

@@ -43,7 +43,7 @@ class TrainingFollower:
         batch_max: int = 256,
         linger: float = 0.0,
         backoff_initial: float = 0.1,
-        backoff_max: float = 5.0,
+        backoff_max: float = 1.0,
         lookup_timeout: float = 2.0,
         root_certificates: bytes | None = None,
     ) -> None:
@@ -117,9 +117,12 @@ class TrainingFollower:
             self._delay = min(self._delay * 2, self.backoff_max)
 
     async def _follow_once(self) -> None:
+        # wait_for_ready: while the service is down the call waits for the channel, which
+        # reconnects within a second of its return, instead of failing at once
         call = self._stub.StreamEvents(
             training_pb2.StreamEventsRequest(after_cursor=self.cursor),
             metadata=bearer(admin_token()),
+            wait_for_ready=True,
         )
         inbox: asyncio.Queue[training_pb2.TrainingEvent | _Ended] = asyncio.Queue(
             4 * self.batch_max

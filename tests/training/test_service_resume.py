@@ -95,7 +95,7 @@ async def test_a_run_held_by_another_process_is_taken_in_when_it_lets_go(tmp_pat
         assert record.events[3].WhichOneof("payload") == "progress"  # what it wrote meanwhile
         on_disk = [e.seq for e in read_events(folder.path / EVENTS_FILE)]
         assert on_disk == [1, 2, 3, 4, 5]
-        assert [seq for run, seq in svc.journal.entries if run == folder.run_id] == on_disk
+        assert [seq for run, seq in svc.hub.journal.entries if run == folder.run_id] == on_disk
     finally:
         thread.join(30)
         await svc.shutdown(grace=1)

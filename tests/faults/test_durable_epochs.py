@@ -1,0 +1,108 @@
+"""The training service killed (SIGKILL) right after an epoch_end left it: the epoch was made
+durable before it was announced, so after a restart and a resume a replay from the start holds
+each epoch_end exactly once; and the run reads `interrupted` within 2 s of the service's
+return, because every channel's reconnect backoff is bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from grpc import aio
+
+from services.api import training_pb2, training_pb2_grpc
+from services.core.verify import verify_run_folder
+from tests.faults.suite import ADMIN, running_suite
+
+pytestmark = pytest.mark.slow
+START = "/api/admin/training/start-dna-v2"
+ADMIN_HEADERS = {"Authorization": f"Bearer {ADMIN}"}
+EVENT_TIMEOUT = 120.0
+INTERRUPTED_WITHIN = 2.0
+OUTAGE = 8.0  # long enough for unbounded reconnect backoffs to have grown past INTERRUPTED_WITHIN
+
+
+async def get_json(http: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
+    async with http.get(url, headers=ADMIN_HEADERS) as reply:
+        return reply.status, await reply.json()
+
+
+async def kill_at_first_epoch_end(addr: str, run_id: str, kill: Any) -> None:
+    """Follows the run on the training service itself (the client nearest the worker) and
+    kills the service the moment the first epoch_end arrives."""
+    async with aio.insecure_channel(addr) as channel:
+        stub = training_pb2_grpc.TrainingServiceStub(channel)
+        call = stub.WatchRun(training_pb2.WatchRunRequest(run_id=run_id), timeout=EVENT_TIMEOUT)
+        async for event in call:
+            if event.WhichOneof("payload") == "epoch_end":
+                kill()
+                return
+    raise AssertionError("the run ended without an epoch_end")
+
+
+async def test_an_announced_epoch_survives_a_kill_and_interrupted_shows_at_once(
+    tmp_path: Path, demo_models_dir: Path
+) -> None:
+    with running_suite(tmp_path, demo_models_dir) as suite:
+        small = Path(suite.env["DATASETS_DIR"]) / "small.jsonl"
+        small.write_text("\n".join(small.read_text().splitlines()[:24]) + "\n")  # quicker
+        base = suite.gateway.url
+        async with aiohttp.ClientSession() as http:
+            body = {
+                "datasetId": "small",
+                "baseModels": ["tiny-llama", "tiny-gpt2"],
+                "epochs": 3,
+                "maxSeqLength": 32,
+                "autoStopThreshold": 0.0,
+            }
+            async with http.post(base + START, json=body, headers=ADMIN_HEADERS) as reply:
+                assert reply.status == 202, await reply.text()
+                run_id = (await reply.json())["runId"]
+            await kill_at_first_epoch_end(suite.training.addr, run_id, suite.training.kill)
+            await asyncio.sleep(OUTAGE)
+
+            suite.training.start()  # serving again on the same address
+            returned = time.monotonic()
+            while True:
+                status, metrics = await get_json(http, f"{base}/api/training/{run_id}/metrics")
+                if status == 200 and metrics["status"] == "interrupted":
+                    break
+                assert time.monotonic() - returned < EVENT_TIMEOUT, metrics
+                await asyncio.sleep(0.02)
+            took = time.monotonic() - returned
+            print(f"interrupted shown {took:.2f} s after the training service's return")
+            assert took < INTERRUPTED_WITHIN, f"{took:.2f} s"
+
+            resume_url = f"{base}/api/admin/training/{run_id}/resume"
+            deadline = time.monotonic() + 15
+            while True:  # the old worker may still be on its way out
+                async with http.post(resume_url, headers=ADMIN_HEADERS) as reply:
+                    answer = await reply.json()
+                if reply.status == 202 or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.2)
+            assert reply.status == 202, answer
+
+            replay: list[dict[str, Any]] = []
+            async with http.ws_connect(f"{base}/ws/training?runId={run_id}&since=0") as ws:
+                while not replay or replay[-1]["type"] != "training_complete":
+                    message = await asyncio.wait_for(ws.receive_json(), EVENT_TIMEOUT)
+                    if message["type"] != "heartbeat":
+                        replay.append(message)
+
+    assert [e["seq"] for e in replay] == list(range(1, len(replay) + 1))
+    assert [e["epoch"] for e in replay if e["type"] == "epoch_end"] == [1, 2, 3]
+    assert [e["epoch"] for e in replay if e["type"] == "weight_adjustment"] == [1, 2, 3]
+    assert [e["status"] for e in replay if e["type"] == "training_error"] == ["interrupted"]
+    folder = suite.models_dir / "oneseek-certified" / run_id
+    logged = [json.loads(line) for line in (folder / "events.jsonl").read_text().splitlines()]
+    assert logged == replay
+    results = json.loads((folder / "training_results.json").read_text())
+    assert [h["epoch"] for h in results["history"]] == [1, 2, 3]
+    report = verify_run_folder(folder)
+    assert report.ok, report.problems
