@@ -37,12 +37,9 @@ from services.api.runtime import (
     training_addr,
 )
 from services.core.errors import InvalidInput
+from services.core.layout import datasets_dir, models_dir, state_dir
 
 STOP_GRACE = 45.0  # the training service stops active runs cleanly within 30 s by default
-
-
-def state_dir() -> Path:
-    return Path(os.environ.get("ONESEEK_STATE_DIR") or "var")
 
 
 def admin_token_file() -> Path:
@@ -99,10 +96,10 @@ def _wait_http(url: str, process: subprocess.Popen[bytes], deadline: float) -> N
 
 def run(args: argparse.Namespace) -> int:
     from services.training.demo_assets import create_demo_assets
-    from services.training.models import discover_models, models_dir
+    from services.training.models import discover_models
 
     models_root = Path(args.models_dir) if args.models_dir else models_dir()
-    datasets_root = Path(args.datasets_dir or os.environ.get("DATASETS_DIR") or "datasets")
+    datasets_root = Path(args.datasets_dir) if args.datasets_dir else datasets_dir()
     if not discover_models(models_root):
         print(f"No base model in {models_root}: creating the demo models...", flush=True)
         create_demo_assets(models_root, datasets_root)

@@ -26,6 +26,16 @@ ARTIFACTS = (LIVE_METRICS_FILE, RESULTS_FILE, DNA_FILE, PROOF_FILE)
 """The run folder's JSON files a client may fetch (GetArtifact, GET …/artifacts/{name})."""
 
 
+def models_dir() -> Path:
+    """Base models (`<name>/` folders) and, inside, the run folders: $MODELS_DIR or ./models."""
+    return Path(os.environ.get("MODELS_DIR") or "models")
+
+
+def datasets_dir() -> Path:
+    """Datasets (`<id>.jsonl`): $DATASETS_DIR or ./datasets."""
+    return Path(os.environ.get("DATASETS_DIR") or "datasets")
+
+
 def state_dir() -> Path:
     """The suite's own state (keys, database, journal, token): $ONESEEK_STATE_DIR or ./var."""
     return Path(os.environ.get(STATE_DIR_ENV) or "var")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -19,12 +18,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from services.core.errors import InvalidInput, NotFound
+from services.core.layout import datasets_dir
 from services.core.training_config import validate_dataset_id
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-DEFAULT_DATASETS_DIR = "datasets"
 DATASET_SUFFIX = ".jsonl"
 IGNORE_INDEX = -100
 """Label of a token the loss skips (prompt and padding); the value HF models expect."""
@@ -39,10 +38,6 @@ PROMPT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
 PROMPT_TEMPLATE_WITH_INPUT = (
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 )
-
-
-def datasets_dir() -> Path:
-    return Path(os.environ.get("DATASETS_DIR") or DEFAULT_DATASETS_DIR)
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from services.core.atomic import replace_dir_atomic
-from services.training.data import datasets_dir, format_record
-from services.training.models import models_dir, quiet_progress
+from services.core.layout import datasets_dir, models_dir
+from services.training.data import format_record
+from services.training.models import quiet_progress
 from services.training.sample_dataset import (
     SAMPLE_DATASET_ID,
     generate_sample_records,

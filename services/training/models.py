@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -19,20 +18,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from services.core.errors import InvalidInput
-from services.core.training_config import TRAINING_CONFIG, validate_base_models
+from services.core.layout import CERTIFIED_DIR, models_dir
+from services.core.training_config import validate_base_models
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-DEFAULT_MODELS_DIR = "models"
-CERTIFIED_DIR_NAME: str = TRAINING_CONFIG["metadata"]["certified_dir"]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 # a safetensors header is JSON of a few KB per tensor; anything this big is not one
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
-
-
-def models_dir() -> Path:
-    return Path(os.environ.get("MODELS_DIR") or DEFAULT_MODELS_DIR)
 
 
 @dataclass(frozen=True)
@@ -134,7 +128,7 @@ def discover_models(root: Path | None = None) -> list[BaseModelInfo]:
         return []
     infos = []
     for path in sorted(root.iterdir()):
-        if path.name == CERTIFIED_DIR_NAME or path.name.startswith(".") or not path.is_dir():
+        if path.name == CERTIFIED_DIR or path.name.startswith(".") or not path.is_dir():
             continue
         try:
             infos.append(_inspect(path))

@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -34,8 +33,9 @@ from services.api.runtime import (
     training_addr,
 )
 from services.core.errors import OneSeekError
-from services.training.data import datasets_dir, list_datasets
-from services.training.models import discover_models, models_dir
+from services.core.layout import datasets_dir, models_dir, state_dir
+from services.training.data import list_datasets
+from services.training.models import discover_models
 from services.training.service import TrainingService
 
 log = logging.getLogger("oneseek.training.server")
@@ -195,14 +195,13 @@ async def serve(
 
 def run(args: argparse.Namespace) -> int:
     configure_logging("training-service")
-    state = Path(os.environ.get("ONESEEK_STATE_DIR") or "var")
     tls = server_tls(getattr(args, "tls_cert", None), getattr(args, "tls_key", None))
     asyncio.run(
         serve(
             args.addr or training_addr(),
             models_root=Path(args.models_dir) if args.models_dir else models_dir(),
             datasets_root=Path(args.datasets_dir) if args.datasets_dir else datasets_dir(),
-            state_dir=state,
+            state_dir=state_dir(),
             max_active_runs=args.max_active_runs,
             shutdown_grace=args.shutdown_grace,
             tls=tls,

@@ -13,11 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.core.errors import InvalidInput, NotFound
+from services.core.layout import datasets_dir
 from services.training.data import (
     IGNORE_INDEX,
     Record,
     TokenizedExample,
-    datasets_dir,
     format_record,
     list_datasets,
     load_dataset,

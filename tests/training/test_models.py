@@ -11,15 +11,14 @@ import pytest
 import torch
 
 from services.core.errors import InvalidInput, NotFound
+from services.core.layout import CERTIFIED_DIR, models_dir
 from services.training.data import Record, format_record, make_batches, tokenize_records
 from services.training.demo_assets import DEMO_MODELS
 from services.training.models import (
-    CERTIFIED_DIR_NAME,
     BaseModelInfo,
     discover_models,
     load_model,
     load_tokenizer,
-    models_dir,
     parameter_count,
     resolve_models,
     weight_files,
@@ -50,7 +49,7 @@ def test_discovery_finds_model_folders_and_skips_everything_else(
 ) -> None:
     root = link_models(tmp_path / "models", demo_models_dir)
     # a finished run's folder, even one that looks like a model
-    copy_model(demo_models_dir, "tiny-gpt2", root / CERTIFIED_DIR_NAME)
+    copy_model(demo_models_dir, "tiny-gpt2", root / CERTIFIED_DIR)
     copy_model(demo_models_dir, "tiny-gpt2", root / ".half-made.tmp")
     (root / "README.md").write_text("not a model")
     bad_json = copy_model(demo_models_dir, "tiny-gpt2", root / "bad-json")
