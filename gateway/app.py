@@ -1,4 +1,4 @@
-"""The gateway application: `create_app(settings)` wires routes, websocket feed, page, error
+"""The gateway application: `create_app(settings)` wires `gateway.routes.ROUTES`, page, error
 envelope and security headers, and owns the gRPC channels and the feeds for the app's life.
 
 Startup opens one channel per service and starts the feeds' heartbeat; shutdown first closes
@@ -13,16 +13,15 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_request import BaseRequest
 
-from gateway.bodies import JSON_TYPE, encode
+from gateway.bodies import encode
 from gateway.errors import error_middleware
 from gateway.feeds import RunFeeds
 from gateway.openapi import build_document
-from gateway.page import page_routes, security_headers
+from gateway.page import security_headers, static_routes
 from gateway.reports import ReportBatcher
 from gateway.routes import Routes
 from gateway.settings import GatewaySettings
 from gateway.upstream import Upstream
-from gateway.websocket import training_feed
 from services.api import metrics_pb2
 
 FEEDS = web.AppKey("feeds", RunFeeds)
@@ -84,11 +83,6 @@ def create_app(settings: GatewaySettings, *, tls_ca: bytes | None = None) -> web
     app.on_response_prepare.append(security_headers)
 
     document = encode(build_document())
-
-    async def openapi(request: web.Request) -> web.StreamResponse:
-        return web.Response(body=document, content_type=JSON_TYPE)
-
-    app.add_routes(Routes(settings, upstream, feeds, reports).table())
-    app.add_routes([web.get("/api/openapi.json", openapi), training_feed(settings, feeds)])
-    app.add_routes(page_routes(settings.static_dir))
+    app.add_routes(Routes(settings, upstream, feeds, reports, document).table())
+    app.add_routes(static_routes(settings.static_dir))
     return app

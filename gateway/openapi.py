@@ -1,5 +1,5 @@
-"""`GET /api/openapi.json`: an OpenAPI 3.1 description of every route, its inputs, its answers
-and its errors, and of every websocket message.
+"""`GET /api/openapi.json`: an OpenAPI 3.1 description of every route (`gateway.routes.ROUTES`),
+its inputs, its answers and its errors, and of every websocket message.
 
 The schemas of answers and events are derived from the .proto descriptors by the same rules as
 `services.api.codec.message_to_dict` (every field present, optional values and sub-messages
@@ -15,8 +15,11 @@ from typing import Any
 
 from google.protobuf.descriptor import FieldDescriptor
 
+from gateway.auth import Access
+from gateway.bodies import JSON_TYPE
 from gateway.errors import ERROR_CODES
 from gateway.forms import AUTO_STOP_FIELDS, REPORT_FIELDS
+from gateway.routes import ROUTES, Answer, Route
 from services.api import metrics_pb2, training_pb2
 from services.api.reports import MAX_EPOCHS, MAX_REPORTED_MODELS
 from services.api.run_config import START_OPTIONS, public_config
@@ -44,6 +47,16 @@ EVENT_KINDS = tuple(
 
 def _ref(name: str) -> dict[str, Any]:
     return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _obj(**properties: Any) -> dict[str, Any]:
+    """A closed object: every property present, no other."""
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": list(properties),
+        "additionalProperties": False,
+    }
 
 
 def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
@@ -82,12 +95,7 @@ class Schemas:
             if oneof is not None and not oneof.name.startswith("_"):
                 continue  # a real oneof is flattened by its caller (the event payload)
             properties[field.name] = self.field(field)
-        return {
-            "type": "object",
-            "properties": properties,
-            "required": list(properties),
-            "additionalProperties": False,
-        }
+        return _obj(**properties)
 
     def field(self, field: Any) -> dict[str, Any]:
         if field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type.GetOptions().map_entry:
@@ -135,13 +143,7 @@ def _value_schema(value: Any) -> dict[str, Any]:
     if isinstance(value, str):
         return {"type": "string"}
     if isinstance(value, Mapping):
-        properties = {key: _value_schema(item) for key, item in value.items()}
-        return {
-            "type": "object",
-            "properties": properties,
-            "required": list(properties),
-            "additionalProperties": False,
-        }
+        return _obj(**{key: _value_schema(item) for key, item in value.items()})
     if isinstance(value, (list, tuple)):
         return {"type": "array"}
     return {}
@@ -179,12 +181,7 @@ def _event_schemas(schemas: Schemas) -> dict[str, Any]:
         else:
             body = schemas.object_of(payload)
         properties = {**_envelope(kind), **body["properties"]}
-        events[event_schema_name(kind)] = {
-            "type": "object",
-            "properties": properties,
-            "required": list(properties),
-            "additionalProperties": False,
-        }
+        events[event_schema_name(kind)] = _obj(**properties)
     error = {
         **_envelope("error"),
         "run_id": {"type": ["string", "null"]},
@@ -192,12 +189,7 @@ def _event_schemas(schemas: Schemas) -> dict[str, Any]:
         "error": {"type": "string"},
         "message": {"type": "string"},
     }
-    events[event_schema_name("error")] = {
-        "type": "object",
-        "properties": error,
-        "required": list(error),
-        "additionalProperties": False,
-    }
+    events[event_schema_name("error")] = _obj(**error)
     events["WebSocketMessage"] = {"oneOf": [_ref(name) for name in events]}
     return events
 
@@ -246,15 +238,6 @@ def _report_body(schemas: Schemas) -> dict[str, Any]:
     }
 
 
-def _obj(**properties: Any) -> dict[str, Any]:
-    return {
-        "type": "object",
-        "properties": properties,
-        "required": list(properties),
-        "additionalProperties": False,
-    }
-
-
 def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
@@ -274,43 +257,51 @@ _ERROR_RESPONSES = {
 }
 
 
-def _errors(*statuses: int) -> dict[str, Any]:
-    return {str(s): {"$ref": f"#/components/responses/Error{s}"} for s in statuses}
-
-
-_RUN_ID = {
-    "name": "runId",
-    "in": "path",
-    "required": True,
-    "schema": {"type": "string", "pattern": RUN_ID_PATTERN},
-    "description": "run-YYYYMMDD-HHMMSS[-N]; anything else is refused with 400 first.",
+_PARAMETERS: dict[str, dict[str, Any]] = {
+    "runId": {
+        "schema": {"type": "string", "pattern": RUN_ID_PATTERN},
+        "description": "run-YYYYMMDD-HHMMSS[-N]; anything else is refused with 400 first.",
+    },
+    "name": {"schema": {"enum": list(ARTIFACTS)}},  # only artifacts have a `{name}`
+    "since": {"schema": {"type": "integer", "minimum": 0}},
+    "token": {
+        "schema": {"type": "string"},
+        "description": "The admin token, where the Authorization header cannot be set (browsers).",
+    },
 }
-ADMIN: list[dict[str, Any]] = [{"bearerAuth": []}]
-READ: list[dict[str, Any]] = [{}, {"bearerAuth": []}]
+_BEARER: dict[str, Any] = {"bearerAuth": []}
+_SECURITY = {
+    Access.OPEN: [{}],
+    Access.READ: [{}, _BEARER],
+    Access.REPORT: [_BEARER],
+    Access.ADMIN: [_BEARER],
+}
 
 
-def _operation(
-    summary: str,
-    ok: dict[str, Any],
-    *,
-    security: list[dict[str, Any]],
-    errors: tuple[int, ...],
-    status: int = 200,
-    parameters: list[dict[str, Any]] | None = None,
-    body: str | None = None,
-) -> dict[str, Any]:
+def _answer(answer: Answer) -> dict[str, Any]:
+    if answer.media != JSON_TYPE:
+        return {"description": answer.description, "content": {answer.media: {}}}
+    return _json(_ref(answer.schema) if answer.schema else {"type": "object"}, answer.description)
+
+
+def _operation(route: Route) -> dict[str, Any]:
+    responses = {str(answer.status): _answer(answer) for answer in route.answers}
+    responses.update({str(s): {"$ref": f"#/components/responses/Error{s}"} for s in route.errors})
     operation: dict[str, Any] = {
-        "summary": summary,
-        "security": security,
-        "responses": {str(status): ok, **_errors(*errors)},
+        "summary": route.summary,
+        "security": _SECURITY[route.access],
+        "responses": responses,
     }
-    if parameters:
-        operation["parameters"] = parameters
-    if body is not None:
-        operation["requestBody"] = {
-            "required": True,
-            "content": {"application/json": {"schema": _ref(body)}},
-        }
+    where = [(name, "path") for name in re.findall(r"{(\w+)}", route.path)]
+    where += [(name, "query") for name in route.query]
+    if where:
+        operation["parameters"] = [
+            {"name": name, "in": place, "required": place == "path", **_PARAMETERS[name]}
+            for name, place in where
+        ]
+    if route.body is not None:
+        body = {JSON_TYPE: {"schema": _ref(route.body)}}
+        operation["requestBody"] = {"required": True, "content": body}
     return operation
 
 
@@ -318,10 +309,8 @@ def build_document() -> dict[str, Any]:
     schemas = Schemas()
     ref = schemas.message
     run, summary = ref(training_pb2.Run.DESCRIPTOR), ref(metrics_pb2.RunSummary.DESCRIPTOR)
-    metrics, board = (
-        ref(training_pb2.RunMetrics.DESCRIPTOR),
-        ref(metrics_pb2.Leaderboard.DESCRIPTOR),
-    )
+    ref(training_pb2.RunMetrics.DESCRIPTOR)  # answers that ROUTES names
+    ref(metrics_pb2.Leaderboard.DESCRIPTOR)
     model, dataset = (
         ref(training_pb2.ModelInfo.DESCRIPTOR),
         ref(training_pb2.DatasetInfo.DESCRIPTOR),
@@ -357,186 +346,9 @@ def build_document() -> dict[str, Any]:
             "Artifact": {"type": "object", "description": "The run folder file's JSON, as is."},
         }
     )
-    artifact_name = {
-        "name": "name",
-        "in": "path",
-        "required": True,
-        "schema": {"enum": list(ARTIFACTS)},
-    }
-    paths: dict[str, Any] = {
-        "/api/config": {
-            "get": _operation(
-                "The effective training configuration (every default the page uses).",
-                _json(_ref("Config"), "TRAINING_CONFIG"),
-                security=READ,
-                errors=(401, 403),
-            )
-        },
-        "/api/admin/models": {
-            "get": _operation(
-                "Base models found in MODELS_DIR.",
-                _json(_ref("Models"), "Models"),
-                security=ADMIN,
-                errors=(401, 403, 502, 503),
-            )
-        },
-        "/api/admin/datasets": {
-            "get": _operation(
-                "Datasets found in DATASETS_DIR.",
-                _json(_ref("Datasets"), "Datasets"),
-                security=ADMIN,
-                errors=(401, 403, 502, 503),
-            )
-        },
-        "/api/admin/training/start-dna-v2": {
-            "post": _operation(
-                "Start a run: every selected base model fine-tuned on the dataset side by side.",
-                _json(_ref("RunAccepted"), "The run was created and is starting."),
-                security=ADMIN,
-                status=202,
-                body="StartRequest",
-                errors=(400, 401, 403, 404, 409, 413, 502, 503),
-            )
-        },
-        "/api/admin/training/status": {
-            "get": _operation(
-                "Active runs and their status.",
-                _json(_ref("TrainingStatus"), "Active runs"),
-                security=ADMIN,
-                errors=(401, 403, 502, 503),
-            )
-        },
-        "/api/admin/training/{runId}/stop": {
-            "post": _operation(
-                "Stop a run cleanly: the current step ends, artifacts are written, status "
-                "`stopped` (shown on the websocket shortly after).",
-                _json(_ref("RunAccepted"), "The stop was accepted; status is the run's then."),
-                security=ADMIN,
-                parameters=[_RUN_ID],
-                errors=(400, 401, 403, 404, 409, 502, 503),
-            )
-        },
-        "/api/admin/training/{runId}/resume": {
-            "post": _operation(
-                "Resume an interrupted or failed run from its last completed epoch.",
-                _json(_ref("RunAccepted"), "The run is resuming."),
-                security=ADMIN,
-                status=202,
-                parameters=[_RUN_ID],
-                errors=(400, 401, 403, 404, 409, 502, 503),
-            )
-        },
-        "/api/training/runs": {
-            "get": _operation(
-                "Every run, newest first.",
-                _json(_ref("Runs"), "Runs"),
-                security=READ,
-                errors=(401, 403, 502, 503),
-            )
-        },
-        "/api/training/active": {
-            "get": _operation(
-                "Runs now running.",
-                _json(_ref("Runs"), "Running runs"),
-                security=READ,
-                errors=(401, 403, 502, 503),
-            )
-        },
-        "/api/training/{runId}/metrics": {
-            "get": _operation(
-                "A run's metrics and its full epoch history, from the moment it starts.",
-                _json(metrics, "RunMetrics"),
-                security=READ,
-                parameters=[_RUN_ID],
-                errors=(400, 401, 403, 404, 502, 503),
-            ),
-            "post": _operation(
-                "An outside training process reports one epoch (admin or report token).",
-                _json(_ref("ReportAccepted"), "Stored under `seq`."),
-                security=[{"bearerAuth": []}],
-                parameters=[_RUN_ID],
-                body="ReportRequest",
-                errors=(400, 401, 403, 404, 409, 413, 429, 502, 503),
-            ),
-        },
-        "/api/training/{runId}/leaderboard": {
-            "get": _operation(
-                "The models ranked by validation loss, rank 1 first.",
-                _json(board, "Leaderboard"),
-                security=READ,
-                parameters=[_RUN_ID],
-                errors=(400, 401, 403, 404, 502, 503),
-            )
-        },
-        "/api/training/{runId}/artifacts/{name}": {
-            "get": _operation(
-                "One JSON file of the run folder.",
-                _json(_ref("Artifact"), "The file, byte for byte."),
-                security=READ,
-                parameters=[_RUN_ID, artifact_name],
-                errors=(400, 401, 403, 404, 502, 503),
-            )
-        },
-        "/ws/training": {
-            "get": {
-                "summary": "Websocket feed of a run (upgrade). Messages: WebSocketMessage. "
-                "initial_state first, then every later event in seq order; with since, exactly "
-                "the events after since. Heartbeat every 30 s. Close 1008: no, invalid or "
-                "unknown runId (the last two after one error message); 1013: too slow or "
-                "metrics service unavailable (reconnect with since); 1001: gateway shutdown. "
-                "429 before the upgrade: this address holds ONESEEK_WS_MAX_PER_IP websockets.",
-                "security": READ,
-                "parameters": [
-                    {**_RUN_ID, "in": "query", "required": False},
-                    {
-                        "name": "since",
-                        "in": "query",
-                        "required": False,
-                        "schema": {"type": "integer", "minimum": 0},
-                    },
-                    {
-                        "name": "token",
-                        "in": "query",
-                        "required": False,
-                        "schema": {"type": "string"},
-                        "description": "The admin token, where the Authorization header "
-                        "cannot be set (browsers).",
-                    },
-                ],
-                "responses": {
-                    "101": {
-                        "description": "Switching to the websocket protocol.",
-                        "content": {"application/json": {"schema": _ref("WebSocketMessage")}},
-                    },
-                    **_errors(400, 401, 403, 429),
-                },
-            }
-        },
-        "/healthz": {
-            "get": {
-                "summary": "Gateway liveness, and whether both services answer.",
-                "security": [{}],
-                "responses": {
-                    "200": _json(_ref("Health"), "Both services answer."),
-                    "503": _json(_ref("Health"), "A service does not answer."),
-                },
-            }
-        },
-        "/api/openapi.json": {
-            "get": {
-                "summary": "This document.",
-                "security": [{}],
-                "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1")},
-            }
-        },
-        "/": {
-            "get": {
-                "summary": "The admin page.",
-                "security": [{}],
-                "responses": {"200": {"description": "HTML", "content": {"text/html": {}}}},
-            }
-        },
-    }
+    paths: dict[str, Any] = {}
+    for route in ROUTES:
+        paths.setdefault(route.path, {})[route.method.lower()] = _operation(route)
     return {
         "openapi": "3.1.0",
         "info": {

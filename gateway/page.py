@@ -68,17 +68,18 @@ def training_config_module(static_dir: Path) -> str:
     )
 
 
-def page_routes(static_dir: Path) -> list[web.AbstractRouteDef]:
-    index = static_dir / "index.html"
+async def index_page(request: web.Request, static_dir: Path) -> web.StreamResponse:
+    """`/` (a route of the gateway's list): index.html, revalidated every time, so a new page
+    version is seen at once."""
+    index, headers = static_dir / "index.html", {"Cache-Control": "no-cache"}
+    if index.is_file():
+        return web.FileResponse(index, headers=headers)
+    return web.Response(body=_MISSING_PAGE, content_type="text/html", headers=headers)
 
-    async def page(request: web.Request) -> web.StreamResponse:
-        # a new page version must be seen at once: revalidate every time
-        headers = {"Cache-Control": "no-cache"}
-        if index.is_file():
-            return web.FileResponse(index, headers=headers)
-        return web.Response(body=_MISSING_PAGE, content_type="text/html", headers=headers)
 
-    routes: list[web.AbstractRouteDef] = [web.get("/", page)]
+def static_routes(static_dir: Path) -> list[web.AbstractRouteDef]:
+    """The page's files under /static/, undocumented in the API."""
+    routes: list[web.AbstractRouteDef] = []
     if (static_dir / "config_rules.js").is_file():
         module = training_config_module(static_dir).encode()
 

@@ -1,25 +1,28 @@
-"""The REST routes of DESIGN.md section 4: each checks access, then its input (a `runId` before
-anything reaches a service), then makes one gRPC call and answers its documented JSON.
-"""
+"""Every route of the gateway, declared once in `ROUTES` (served, and described by
+gateway/openapi.py); each checks access, then its input, then makes one gRPC call."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from gateway.auth import Access, authorize
 from gateway.bodies import JSON_TYPE, json_response, read_object
 from gateway.errors import ApiError, from_status
 from gateway.feeds import RunFeeds
 from gateway.forms import report_request, start_request
+from gateway.page import index_page
 from gateway.reports import ReportBatcher
 from gateway.settings import GatewaySettings
 from gateway.upstream import Upstream
+from gateway.websocket import training_feed
 from services.api import metrics_pb2, training_pb2
 from services.api.codec import message_to_dict, run_status_name
 from services.api.run_config import public_config
@@ -29,9 +32,40 @@ from services.core.training_config import validate_run_id
 log = logging.getLogger("oneseek.gateway")
 _GRPC_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Endpoint = Callable[["Routes", web.Request], Awaitable[web.StreamResponse]]
 
 RUNNING = training_pb2.RUN_STATUS_RUNNING
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A documented answer that is not the error envelope."""
+
+    schema: str | None
+    """Its components/schemas name; None: any JSON object, or no schema for another media."""
+    description: str
+    status: int = 200
+    media: str = JSON_TYPE
+
+
+@dataclass(frozen=True)
+class Route:
+    """One route: what serves it, who may call it, and what /api/openapi.json says of it (its
+    path parameters are documented from the path)."""
+
+    method: str
+    path: str
+    handler: Endpoint
+    access: Access
+    summary: str
+    answers: tuple[Answer, ...]
+    errors: tuple[int, ...] = ()
+    """The statuses it may answer with the error envelope."""
+    body: str | None = None
+    """The components/schemas name of its JSON request body."""
+    query: tuple[str, ...] = ()
+    websocket: bool = False
+    """The access check also takes `?token=` (browsers cannot set a websocket's headers)."""
 
 
 def run_id_of(request: web.Request) -> str:
@@ -48,35 +82,23 @@ class Routes:
         upstream: Upstream,
         feeds: RunFeeds,
         reports: ReportBatcher,
+        document: bytes,
     ) -> None:
         self.settings = settings
         self.upstream = upstream
         self.feeds = feeds
         self.reports = reports
+        self.document = document  # /api/openapi.json, encoded once: `ROUTES` never change
+        self._feed = training_feed(settings, feeds)
 
     def table(self) -> list[web.RouteDef]:
-        guard = self._guard
-        return [
-            web.get("/api/config", guard(Access.READ, self.config)),
-            web.get("/api/admin/models", guard(Access.ADMIN, self.models)),
-            web.get("/api/admin/datasets", guard(Access.ADMIN, self.datasets)),
-            web.post("/api/admin/training/start-dna-v2", guard(Access.ADMIN, self.start)),
-            web.get("/api/admin/training/status", guard(Access.ADMIN, self.status)),
-            web.post("/api/admin/training/{runId}/stop", guard(Access.ADMIN, self.stop)),
-            web.post("/api/admin/training/{runId}/resume", guard(Access.ADMIN, self.resume)),
-            web.get("/api/training/runs", guard(Access.READ, self.runs)),
-            web.get("/api/training/active", guard(Access.READ, self.active)),
-            web.get("/api/training/{runId}/metrics", guard(Access.READ, self.metrics)),
-            web.post("/api/training/{runId}/metrics", guard(Access.REPORT, self.report)),
-            web.get("/api/training/{runId}/leaderboard", guard(Access.READ, self.leaderboard)),
-            web.get("/api/training/{runId}/artifacts/{name}", guard(Access.READ, self.artifact)),
-            web.get("/healthz", self.health),
-        ]
+        return [web.route(r.method, r.path, self._guard(r, r.handler)) for r in ROUTES]
 
-    def _guard(self, access: Access, handler: Handler) -> Handler:
+    def _guard(self, route: Route, endpoint: Endpoint) -> Handler:
         async def guarded(request: web.Request) -> web.StreamResponse:
-            authorize(request, access, self.settings)
-            return await handler(request)
+            # before any answer: a websocket is refused before the upgrade
+            authorize(request, route.access, self.settings, websocket=route.websocket)
+            return await endpoint(self, request)
 
         return guarded
 
@@ -234,7 +256,7 @@ class Routes:
         self.feeds.written(run_id, result.seq)
         return json_response({"success": True, "seq": result.seq})
 
-    # ---- liveness -----------------------------------------------------------------------------
+    # ---- liveness, this API's description, the websocket feed ---------------------------------
 
     async def health(self, request: web.Request) -> web.StreamResponse:
         timeout = self.settings.health_timeout
@@ -248,3 +270,78 @@ class Routes:
             "metrics": metrics,
         }
         return json_response(body, status=200 if ok else 503)
+
+    async def page(self, request: web.Request) -> web.StreamResponse:
+        return await index_page(request, self.settings.static_dir)
+
+    async def openapi(self, request: web.Request) -> web.StreamResponse:
+        return web.Response(body=self.document, content_type=JSON_TYPE)
+
+    async def training_feed(self, request: web.Request) -> web.StreamResponse:
+        return await self._feed(request)
+
+
+_ANY = (401, 403, 502, 503)
+_RUN = (400, *_ANY[:2], 404, *_ANY[2:])
+
+# fmt: off
+ROUTES = (
+    Route("GET", "/api/config", Routes.config, Access.READ,
+          "The effective training configuration (every default the page uses).",
+          (Answer("Config", "TRAINING_CONFIG"),), errors=(401, 403)),
+    Route("GET", "/api/admin/models", Routes.models, Access.ADMIN,
+          "Base models found in MODELS_DIR.", (Answer("Models", "Models"),), errors=_ANY),
+    Route("GET", "/api/admin/datasets", Routes.datasets, Access.ADMIN,
+          "Datasets found in DATASETS_DIR.", (Answer("Datasets", "Datasets"),), errors=_ANY),
+    Route("POST", "/api/admin/training/start-dna-v2", Routes.start, Access.ADMIN,
+          "Start a run: every selected base model fine-tuned on the dataset side by side.",
+          (Answer("RunAccepted", "The run was created and is starting.", 202),),
+          errors=(400, 401, 403, 404, 409, 413, 502, 503), body="StartRequest"),
+    Route("GET", "/api/admin/training/status", Routes.status, Access.ADMIN,
+          "Active runs and their status.", (Answer("TrainingStatus", "Active runs"),),
+          errors=_ANY),
+    Route("POST", "/api/admin/training/{runId}/stop", Routes.stop, Access.ADMIN,
+          "Stop a run cleanly: the current step ends, artifacts are written, status `stopped` "
+          "(shown on the websocket shortly after).",
+          (Answer("RunAccepted", "The stop was accepted; status is the run's then."),),
+          errors=(400, 401, 403, 404, 409, 502, 503)),
+    Route("POST", "/api/admin/training/{runId}/resume", Routes.resume, Access.ADMIN,
+          "Resume an interrupted or failed run from its last completed epoch.",
+          (Answer("RunAccepted", "The run is resuming.", 202),),
+          errors=(400, 401, 403, 404, 409, 502, 503)),
+    Route("GET", "/api/training/runs", Routes.runs, Access.READ,
+          "Every run, newest first.", (Answer("Runs", "Runs"),), errors=_ANY),
+    Route("GET", "/api/training/active", Routes.active, Access.READ,
+          "Runs now running.", (Answer("Runs", "Running runs"),), errors=_ANY),
+    Route("GET", "/api/training/{runId}/metrics", Routes.metrics, Access.READ,
+          "A run's metrics and its full epoch history, from the moment it starts.",
+          (Answer("RunMetrics", "RunMetrics"),), errors=_RUN),
+    Route("POST", "/api/training/{runId}/metrics", Routes.report, Access.REPORT,
+          "An outside training process reports one epoch (admin or report token).",
+          (Answer("ReportAccepted", "Stored under `seq`."),),
+          errors=(400, 401, 403, 404, 409, 413, 429, 502, 503), body="ReportRequest"),
+    Route("GET", "/api/training/{runId}/leaderboard", Routes.leaderboard, Access.READ,
+          "The models ranked by validation loss, rank 1 first.",
+          (Answer("Leaderboard", "Leaderboard"),), errors=_RUN),
+    Route("GET", "/api/training/{runId}/artifacts/{name}", Routes.artifact, Access.READ,
+          "One JSON file of the run folder.", (Answer("Artifact", "The file, byte for byte."),),
+          errors=_RUN),
+    Route("GET", "/ws/training", Routes.training_feed, Access.READ,
+          "Websocket feed of a run (upgrade). Messages: WebSocketMessage. initial_state first, "
+          "then every later event in seq order; with since, exactly the events after since. "
+          "Heartbeat every 30 s. Close 1008: no, invalid or unknown runId (the last two after "
+          "one error message); 1013: too slow or metrics service unavailable (reconnect with "
+          "since); 1001: gateway shutdown. 429 before the upgrade: this address holds "
+          "ONESEEK_WS_MAX_PER_IP websockets.",
+          (Answer("WebSocketMessage", "Switching to the websocket protocol.", 101),),
+          errors=(400, 401, 403, 429), query=("runId", "since", "token"), websocket=True),
+    Route("GET", "/healthz", Routes.health, Access.OPEN,
+          "Gateway liveness, and whether both services answer.",
+          (Answer("Health", "Both services answer."),
+           Answer("Health", "A service does not answer.", 503))),
+    Route("GET", "/api/openapi.json", Routes.openapi, Access.OPEN, "This document.",
+          (Answer(None, "OpenAPI 3.1"),)),
+    Route("GET", "/", Routes.page, Access.OPEN, "The admin page.",
+          (Answer(None, "HTML", media="text/html"),)),
+)
+# fmt: on

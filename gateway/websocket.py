@@ -24,8 +24,8 @@ import logging
 import socket
 
 from aiohttp import WSMsgType, web
+from aiohttp.typedefs import Handler
 
-from gateway.auth import Access, authorize
 from gateway.errors import ApiError
 from gateway.feeds import FeedError, RunFeeds, error_message
 from gateway.frames import payload_of
@@ -234,12 +234,11 @@ def _cap_send_buffer(request: web.Request, size: int) -> None:
             log.debug("SO_SNDBUF not set: %s", error)
 
 
-def training_feed(settings: GatewaySettings, feeds: RunFeeds) -> web.RouteDef:
-    """The route of the websocket feed."""
+def training_feed(settings: GatewaySettings, feeds: RunFeeds) -> Handler:
+    """The handler of the websocket feed; its route and access check are in gateway.routes."""
     sockets = OpenSockets(settings.ws_max_per_ip)
 
     async def handler(request: web.Request) -> web.StreamResponse:
-        authorize(request, Access.READ, settings, websocket=True)  # refused before the upgrade
         address = request.remote or ""
         if not sockets.take(address):
             return sockets.refusal()
@@ -296,4 +295,4 @@ def training_feed(settings: GatewaySettings, feeds: RunFeeds) -> web.RouteDef:
             return
         await close_socket(ws, request, close_code, message, settings.close_timeout)
 
-    return web.get("/ws/training", handler)
+    return handler
