@@ -33,11 +33,12 @@ REPO = Path(__file__).resolve().parents[1]
 import torch  # noqa: E402 - after the environment above
 
 from services.api.run_config import config_from_body  # noqa: E402
-from services.training.data import Batch, load_dataset, make_batches  # noqa: E402
+from services.training.data import Batch, load_dataset  # noqa: E402
 from services.training.demo_assets import create_demo_assets  # noqa: E402
 from services.training.events import EventLog  # noqa: E402
+from services.training.member import wrap_model  # noqa: E402
 from services.training.models import discover_models, load_model  # noqa: E402
-from services.training.population import PopulationTrainer, derive_seed  # noqa: E402
+from services.training.population import TrainingRun  # noqa: E402
 from services.training.run_folder import RunFolder  # noqa: E402
 
 RESULTS = REPO / "bench" / "results.json"
@@ -47,30 +48,15 @@ Epoch = Callable[[], Callable[[], int]]
 stopped (counting rebuilds the epoch's batches, which must not be timed)."""
 
 
-def ours(trainer: PopulationTrainer) -> Epoch:
-    slot = trainer.slots[0]
-    state = {"epoch": 0}
-
-    def epoch() -> Callable[[], int]:
-        state["epoch"] += 1
-        trainer.train_epoch(slot, state["epoch"])
-        done = state["epoch"]
-        return lambda: sum(b.tokens for b in batches_of(trainer, done))
-
-    return epoch
+def ours(trainer: TrainingRun) -> Epoch:
+    return epochs_of([trainer])
 
 
-def batches_of(trainer: PopulationTrainer, epoch: int) -> list[Batch]:
-    slot = trainer.slots[0]
-    return make_batches(
-        slot.train_examples,
-        trainer.config.batch_size,
-        slot.tokenizer.pad_token_id,
-        shuffle_seed=derive_seed(trainer.config.seed, "shuffle", epoch),
-    )
+def batches_of(trainer: TrainingRun, epoch: int) -> list[Batch]:
+    return trainer.population.members[0].batches(epoch)
 
 
-def bare(model: torch.nn.Module, trainer: PopulationTrainer) -> Epoch:
+def bare(model: torch.nn.Module, trainer: TrainingRun) -> Epoch:
     """The loop every PyTorch tutorial writes: nothing but forward, backward, step."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
@@ -92,7 +78,7 @@ def bare(model: torch.nn.Module, trainer: PopulationTrainer) -> Epoch:
     return epoch
 
 
-def hf_trainer(model: torch.nn.Module, trainer: PopulationTrainer, out: Path) -> Epoch:
+def hf_trainer(model: torch.nn.Module, trainer: TrainingRun, out: Path) -> Epoch:
     from transformers import Trainer, TrainingArguments
     from transformers.utils import logging as hf_logging
 
@@ -155,7 +141,7 @@ def measure(contenders: dict[str, Epoch], rounds: int) -> dict[str, float]:
 _runs = iter(range(1, 100))
 
 
-def setup(work: Path, model_names: list[str], method: str) -> tuple[PopulationTrainer, list[Any]]:
+def setup(work: Path, model_names: list[str], method: str) -> tuple[TrainingRun, list[Any]]:
     models_dir, datasets_dir = work / "models", REPO / "datasets"
     if not discover_models(models_dir):
         create_demo_assets(models_dir, work / "datasets", log=lambda _: None)
@@ -171,7 +157,7 @@ def setup(work: Path, model_names: list[str], method: str) -> tuple[PopulationTr
         }
     )
     run_id = f"run-20260101-{next(_runs):06d}"
-    trainer = PopulationTrainer(
+    trainer = TrainingRun(
         config,
         run_id=run_id,
         models=infos,
@@ -190,7 +176,7 @@ def bench(work: Path, model_name: str, method: str, rounds: int) -> dict[str, fl
         torch.manual_seed(0)
         model = load_model(info, torch.device("cpu"))
         # the trainer's own wrapping: the same adapters, rank, alpha and dropout for everyone
-        return trainer._wrap(model)
+        return wrap_model(trainer.config, model)
 
     contenders = {
         "oneseek": ours(trainer),
@@ -205,35 +191,26 @@ def population(work: Path, names: list[str], method: str, rounds: int) -> dict[s
     the same epochs of the same models, so the difference is the population's overhead."""
     together, _ = setup(work, names, method)
     alone = [setup(work, [name], method)[0] for name in names]
-
-    def epochs_of(trainers: list[PopulationTrainer]) -> Epoch:
-        state = {"epoch": 0}
-
-        def epoch() -> Callable[[], int]:
-            state["epoch"] += 1
-            done = state["epoch"]
-            for trainer in trainers:
-                for slot in trainer.slots:
-                    trainer.train_epoch(slot, done)
-            return lambda: sum(
-                b.tokens
-                for trainer in trainers
-                for slot in trainer.slots
-                for b in slot_batches(trainer, slot, done)
-            )
-
-        return epoch
-
     return measure({"one run": epochs_of([together]), "alone": epochs_of(alone)}, rounds)
 
 
-def slot_batches(trainer: PopulationTrainer, slot: Any, epoch: int) -> list[Batch]:
-    return make_batches(
-        slot.train_examples,
-        trainer.config.batch_size,
-        slot.tokenizer.pad_token_id,
-        shuffle_seed=derive_seed(trainer.config.seed, "shuffle", epoch),
-    )
+def epochs_of(trainers: list[TrainingRun]) -> Epoch:
+    """Each run's population trains one epoch (its epoch_start and progress events included)."""
+    state = {"epoch": 0}
+
+    def epoch() -> Callable[[], int]:
+        state["epoch"] += 1
+        done = state["epoch"]
+        for trainer in trainers:
+            trainer.population.train(done)
+        return lambda: sum(
+            b.tokens
+            for trainer in trainers
+            for member in trainer.population.members
+            for b in member.batches(done)
+        )
+
+    return epoch
 
 
 POPULATION = ["tiny-llama", "tiny-qwen2", "tiny-gpt2"]

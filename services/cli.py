@@ -28,13 +28,13 @@ def _error(message: str) -> int:
 
 
 def _models_root(args: argparse.Namespace) -> Path:
-    from services.training.models import models_dir
+    from services.core.layout import models_dir
 
     return Path(args.models_dir) if args.models_dir else models_dir()
 
 
 def _datasets_root(args: argparse.Namespace) -> Path:
-    from services.training.data import datasets_dir
+    from services.core.layout import datasets_dir
 
     return Path(args.datasets_dir) if args.datasets_dir else datasets_dir()
 
@@ -109,7 +109,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from services.training.data import load_dataset
     from services.training.events import EVENTS_FILE, EventLog
     from services.training.models import resolve_models
-    from services.training.population import PopulationTrainer
+    from services.training.population import TrainingRun
     from services.training.run_folder import RunFolder, certified_root
     from services.training.terminal import TerminalDisplay
 
@@ -137,7 +137,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         display = TerminalDisplay(config, run_id, console)
         events = EventLog(run_id, path=folder.path / EVENTS_FILE, sinks=(display.on_event,))
-        trainer = PopulationTrainer(
+        run = TrainingRun(
             config,
             run_id=run_id,
             models=models,
@@ -149,14 +149,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
         with folder.worker_lock():
             try:
-                trainer.prepare()
+                run.prepare()
             except OneSeekError as exc:
                 # a model folder that fails to load is bad input too: nothing was trained,
                 # so no half-made run folder stays behind
                 folder.discard()
                 return _error(_as_flag(exc))
             with display:
-                outcome = trainer.run()
+                outcome = run.run()
     finally:
         signal.signal(signal.SIGINT, previous)
     print(f"{outcome.run_id} {outcome.run_dir}")

@@ -1,10 +1,9 @@
 """Per-epoch checkpoints of a run: what resuming needs, under `<run>/checkpoints/epoch-NNNN/`.
 
-Like the HF Trainer's `checkpoint-*` folders: per model its trainable weights (LoRA adapter or
-full weights, safetensors) and optimizer state, plus one `state.json` with the population's
-state (adaptive weights, auto-stop, best epochs, history, RNG states) and the sha256 of every
-file. A checkpoint is written into a staging folder and renamed into place, so a crash leaves
-either the complete checkpoint or none; the run keeps at most its best and its last.
+Like the HF Trainer's `checkpoint-*` folders: per member its trainable weights (safetensors) and
+optimizer state, plus `state.json`: the population's TrainingProgress and every file's sha256.
+Written into a staging folder and renamed into place, a checkpoint is whole or absent; the run
+keeps at most its best and its last.
 """
 
 from __future__ import annotations
@@ -18,22 +17,24 @@ import os
 import random
 import re
 import shutil
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
-from torch import nn
 
+from services.api.run_config import RunConfig, config_to_dict
+from services.core.adaptive_weights import initial_weights
 from services.core.atomic import fsync_dir, replace_dir_atomic, write_json_atomic
-from services.core.errors import ArtifactError
+from services.core.auto_stop import AutoStopState
+from services.core.errors import ArtifactError, InvalidInput
+from services.core.layout import CHECKPOINTS_DIR
 
 log = logging.getLogger("oneseek.training.checkpoints")
 
-CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "state.json"
 WEIGHTS_FILE = "trainable.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -45,6 +46,78 @@ class CheckpointError(ArtifactError):
     """A checkpoint could not be written, or one on disk is incomplete or altered."""
 
 
+class CheckpointMismatch(InvalidInput):
+    """A checkpoint does not belong to this run's models, data or settings."""
+
+
+@dataclass
+class MemberState:
+    """What a checkpoint keeps of one member: the parameters its optimizer moves, and its
+    optimizer's `state_dict()`."""
+
+    weights: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+
+
+@dataclass
+class TrainingProgress:
+    """The population's state: everything but the tensors that the next epoch depends on.
+    `to_dict()` is a checkpoint's state.json; `from_dict()` reads one back."""
+
+    run_id: str
+    config: dict[str, Any]
+    """`config_to_dict` of the run's settings: a checkpoint of other settings is refused."""
+    dataset_sha256: str
+    models: list[str]
+    weights: dict[str, float] = field(default_factory=dict)
+    auto_stop: AutoStopState = field(default_factory=AutoStopState)
+    best: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per model its best epoch so far: `{"epoch", "val_loss"}`, both null before the first."""
+    history: list[dict[str, Any]] = field(default_factory=list)
+    """Every epoch's epoch_end event, as the run's events.jsonl holds it."""
+    adjustments: list[dict[str, Any]] = field(default_factory=list)
+    last_val_losses: dict[str, float] = field(default_factory=dict)
+    last_total: float | None = None
+    steps_done: int = 0
+    step_seconds: float = 0.0
+    elapsed_seconds: float = 0.0
+    """Run time up to the checkpoint, over every attempt of a resumed run."""
+    rng: dict[str, Any] = field(default_factory=dict)
+    epoch: int = 0
+    announcement: list[dict[str, Any]] = field(default_factory=list)
+    """The events that announce `epoch` (epoch_end, weight_adjustment, auto_stop_triggered),
+    as stamped when the checkpoint was written: what resuming emits when the log lacks them."""
+
+    @classmethod
+    def start(
+        cls, run_id: str, config: RunConfig, dataset_sha256: str, models: Sequence[str]
+    ) -> TrainingProgress:
+        best = {name: {"epoch": None, "val_loss": None} for name in models}
+        weights = initial_weights(models)
+        return cls(run_id, config_to_dict(config), dataset_sha256, list(models), weights, best=best)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["auto_stop"]["totals"] = list(self.auto_stop.totals)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainingProgress:
+        """Reads a state.json (its format and files are the checkpoint's own). One written
+        before announcements were checkpointed has none: its epoch was announced first."""
+        known = {f.name for f in fields(cls)}
+        values = {key: value for key, value in data.items() if key in known}
+        stop = dict(values.pop("auto_stop"))
+        stop["totals"] = tuple(stop["totals"])
+        return cls(**values, auto_stop=AutoStopState(**stop))
+
+    def best_model(self) -> str | None:
+        """The model with the lowest validation loss in the latest epoch (ties by name)."""
+        if not self.last_val_losses:
+            return None
+        return min(self.last_val_losses.items(), key=lambda item: (item[1], item[0]))[0]
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     """One complete checkpoint on disk (its files' hashes checked when it was loaded)."""
@@ -53,11 +126,12 @@ class Checkpoint:
     path: Path
     state: dict[str, Any]
 
-    def weights_file(self, model: str) -> Path:
-        return self.path / "models" / model / WEIGHTS_FILE
-
-    def optimizer_file(self, model: str) -> Path:
-        return self.path / "models" / model / OPTIMIZER_FILE
+    def member_state(self, model: str) -> MemberState:
+        folder = self.path / "models" / model
+        return MemberState(
+            weights=load_file(str(folder / WEIGHTS_FILE)),
+            optimizer=torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True),
+        )
 
 
 def checkpoints_root(run_dir: Path) -> Path:
@@ -75,46 +149,6 @@ def checkpoint_epochs(run_dir: Path) -> list[int]:
         return []
     found = (_NAME.match(p.name) for p in root.iterdir() if p.is_dir())
     return sorted(int(m.group(1)) for m in found if m is not None)
-
-
-# ---- model and optimizer state ----------------------------------------------------------------
-
-
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The parameters the optimizer moves (LoRA matrices, or every weight for full training).
-    named_parameters() lists a tied weight once, so nothing is stored twice."""
-    return {
-        name: param.detach().to("cpu").contiguous().clone()
-        for name, param in model.named_parameters()
-        if param.requires_grad
-    }
-
-
-def restore_trainable(model: nn.Module, path: Path) -> None:
-    """Loads the trainable parameters saved by `save_checkpoint` into `model`, exactly."""
-    saved = load_file(str(path))
-    params = dict(model.named_parameters())
-    expected = {name for name, param in params.items() if param.requires_grad}
-    if set(saved) != expected:
-        missing, extra = sorted(expected - set(saved)), sorted(set(saved) - expected)
-        raise CheckpointError(
-            f"{path} does not fit the model: missing {missing[:3]}, unexpected {extra[:3]}. "
-            "The base model or the training method changed since the checkpoint was written."
-        )
-    with torch.no_grad():
-        for name, tensor in saved.items():
-            target = params[name]
-            if target.shape != tensor.shape:
-                raise CheckpointError(
-                    f"{path}: parameter {name} has shape {tuple(tensor.shape)}, the model has "
-                    f"{tuple(target.shape)}; the base model changed since the checkpoint."
-                )
-            target.copy_(tensor.to(target.device, target.dtype))
-
-
-def restore_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state)
 
 
 # ---- random number generators ------------------------------------------------------------------
@@ -182,26 +216,24 @@ def save_checkpoint(
     run_dir: Path,
     epoch: int,
     state: Mapping[str, Any],
-    models: Mapping[str, tuple[nn.Module, torch.optim.Optimizer]],
+    members: Mapping[str, MemberState],
 ) -> Path:
-    """Writes the checkpoint of `epoch` atomically and returns its folder.
-
-    `state` is the population's JSON state; `models` maps each model's name to its model and
-    optimizer. Any OSError becomes a CheckpointError naming the path and the system's reason.
-    """
+    """Writes the checkpoint of `epoch` (`state`: the TrainingProgress.to_dict(); `members`:
+    each member's state) atomically and returns its folder. Any OSError becomes a
+    CheckpointError naming the path and the system's reason."""
     final = checkpoint_path(run_dir, epoch)
     staged = final.with_name(f".{final.name}.staging")
     try:
         if staged.exists():
             shutil.rmtree(staged)
         files: dict[str, dict[str, str]] = {}
-        for name, (model, optimizer) in models.items():
+        for name, member in members.items():
             folder = staged / "models" / name
             folder.mkdir(parents=True)
             weights, moments = folder / WEIGHTS_FILE, folder / OPTIMIZER_FILE
-            _write_file(weights, safetensors_bytes(trainable_state(model)))
+            _write_file(weights, safetensors_bytes(member.weights))
             buffer = io.BytesIO()
-            torch.save(optimizer.state_dict(), buffer)
+            torch.save(member.optimizer, buffer)
             _write_file(moments, buffer.getvalue())
             fsync_dir(folder)
             files[name] = {WEIGHTS_FILE: _sha256(weights), OPTIMIZER_FILE: _sha256(moments)}

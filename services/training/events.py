@@ -17,9 +17,9 @@ from typing import IO, Any
 
 from services.api import training_pb2
 from services.api.codec import event_from_dict, event_to_dict, now_timestamp
+from services.core.layout import EVENTS_FILE as EVENTS_FILE
 
 EventSink = Callable[[training_pb2.TrainingEvent], None]
-EVENTS_FILE = "events.jsonl"
 # Losing one of these in a crash would lose a decision; a lost progress event costs nothing.
 _DURABLE = frozenset({"epoch_end", "weight_adjustment", "training_complete", "training_error"})
 

@@ -13,46 +13,92 @@ import os
 import platform
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from services.api import training_pb2
-from services.api.codec import event_to_dict, run_status_name
-from services.api.run_config import RunConfig, config_to_dict
+from services.api.codec import format_timestamp, now_timestamp, run_status_name
+from services.api.run_config import RunConfig, config_from_dict, config_to_dict
+from services.core.adaptive_weights import lr_multipliers
 from services.core.atomic import replace_dir_atomic, write_json_atomic
 from services.core.dna import build_dna, model_fingerprint, write_dna
 from services.core.errors import ArtifactError, InvalidInput
+from services.core.layout import ADAPTERS_DIR, LIVE_METRICS_FILE, MANIFEST_FILE, RESULTS_FILE
+from services.core.layout import certified_root as certified_root
 from services.core.ledger import write_ledger_proof
-from services.core.training_config import TRAINING_CONFIG, validate_run_id
+from services.core.training_config import validate_run_id
+from services.training.checkpoints import TrainingProgress
+from services.training.models import BaseModelInfo
 
-if TYPE_CHECKING:
-    from services.training.population import PopulationTrainer
-
-CERTIFIED_DIR = str(TRAINING_CONFIG["metadata"]["certified_dir"])
-MANIFEST_FILE = "run.json"
 LOCK_FILE = ".worker.lock"
-RESULTS_FILE = "training_results.json"
-LIVE_METRICS_FILE = "live_metrics.json"
-ADAPTERS_DIR = "adapters"
+# live_metrics.json is a RunMetrics (GET /api/training/{runId}/metrics) without the history
+LIVE_METRICS_KEYS = [
+    f.name for f in training_pb2.RunMetrics.DESCRIPTOR.fields if f.name != "training_history"
+]
 
 
 def iso_now() -> str:
-    now = datetime.now(timezone.utc)
-    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
+    return format_timestamp(now_timestamp())  # to the millisecond, as events are
 
 
-def certified_root(models_root: Path) -> Path:
-    return Path(models_root) / CERTIFIED_DIR
+@dataclass
+class RunSummary:
+    """How a run ended: what its folder records (training_results.json, live_metrics.json,
+    the DNA), and what the run hands back."""
 
+    run_id: str
+    run_dir: Path
+    config: RunConfig
+    status: training_pb2.RunStatus.ValueType
+    duration_seconds: float
+    dataset: dict[str, Any]
+    """`Dataset.summary()`: id, sha256 and record counts."""
+    base_models: list[BaseModelInfo]
+    device: str
+    progress: TrainingProgress
+    """The population's at the end: history, adjustments, best epochs, final weights."""
+    dna: str | None = None
+    error: str | None = None
+    resumable: bool = False
+    """Whether resuming could get past the error."""
 
-@dataclass(frozen=True)
-class Certificate:
-    dna: str
-    immutable_hash: str
+    @property
+    def epochs_run(self) -> int:
+        return len(self.progress.history)
+
+    @property
+    def last_epoch(self) -> dict[str, Any] | None:
+        return self.progress.history[-1] if self.progress.history else None
+
+    @property
+    def final_lr_multipliers(self) -> dict[str, float]:
+        return lr_multipliers(self.progress.weights, self.config.learning_rate)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **{f.name: getattr(self, f.name) for f in fields(self)},
+            "run_dir": str(self.run_dir),
+            "config": config_to_dict(self.config),
+            "base_models": [{**asdict(i), "path": str(i.path)} for i in self.base_models],
+            "progress": self.progress.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RunSummary:
+        return cls(
+            **{
+                **data,
+                "run_dir": Path(data["run_dir"]),
+                "config": config_from_dict(data["config"]),
+                "base_models": [
+                    BaseModelInfo(**{**i, "path": Path(i["path"])}) for i in data["base_models"]
+                ],
+                "progress": TrainingProgress.from_dict(data["progress"]),
+            }
+        )
 
 
 class RunFolder:
@@ -163,19 +209,16 @@ class RunFolder:
 
     # ---- during the run ----------------------------------------------------------------
 
-    def adapter_dir(self, model_name: str) -> Path:
-        return self.path / ADAPTERS_DIR / model_name
-
-    def save_adapter(self, model_name: str, model: Any, tokenizer: Any) -> None:
-        """Saves what the model's trainer produces (PEFT adapter or full weights) and its
-        tokenizer, so the folder loads on its own; swapped in whole, never half-written."""
-        final = self.adapter_dir(model_name)
+    def save_adapter(self, model_name: str, save: Callable[[Path], None]) -> None:
+        """`save(folder)` writes what the model's training produced (PEFT adapter or full
+        weights) and its tokenizer, so the folder loads on its own; swapped in whole, never
+        half-written."""
+        final = self.path / ADAPTERS_DIR / model_name
         staged = final.with_name(f".{model_name}.staging")
         if staged.exists():
             shutil.rmtree(staged)
         try:
-            model.save_pretrained(staged)  # safetensors: the default of both PEFT and transformers
-            tokenizer.save_pretrained(staged)
+            save(staged)
             replace_dir_atomic(staged, final)
         except Exception as exc:
             # safetensors reports a full disk as its own error type, not as an OSError
@@ -186,29 +229,12 @@ class RunFolder:
                 "Check free space and permissions of MODELS_DIR, then resume the run."
             ) from exc
 
-    @staticmethod
-    def epoch_record(event: training_pb2.TrainingEvent) -> dict[str, Any]:
-        return event_to_dict(event)
-
-    def write_live_metrics(self, event: training_pb2.TrainingEvent, status: int) -> None:
-        """The latest epoch_end state, in the shape of GET /api/training/{runId}/metrics."""
-        payload = event_to_dict(event)
-        self._write(
-            LIVE_METRICS_FILE,
-            {
-                "run_id": self.run_id,
-                "status": run_status_name(status),
-                "current_epoch": payload["current_epoch"],
-                "total_epochs": payload["total_epochs"],
-                "val_losses": payload["val_losses"],
-                "weights": payload["weights"],
-                "lr_multipliers": payload["lr_multipliers"],
-                "total_loss": payload["total_loss"],
-                "auto_stop_info": payload["auto_stop_info"],
-                "progress_percent": payload["progress_percent"],
-                "timestamp": payload["timestamp"],
-            },
-        )
+    def write_live_metrics(self, status: int, state: Mapping[str, Any]) -> None:
+        """The latest epoch_end `state` (its event as a dict), in the shape of
+        GET /api/training/{runId}/metrics."""
+        metrics = {key: state.get(key) for key in LIVE_METRICS_KEYS}
+        metrics.update(run_id=self.run_id, status=run_status_name(status))
+        self._write(LIVE_METRICS_FILE, metrics)
 
     def _write(self, name: str, data: Any) -> None:
         try:
@@ -221,41 +247,35 @@ class RunFolder:
 
     # ---- endings -----------------------------------------------------------------------
 
-    def _results(
-        self, trainer: PopulationTrainer, *, status: int, duration: float, stop_reason: str
-    ) -> dict[str, Any]:
+    def _results(self, summary: RunSummary, stop_reason: str) -> dict[str, Any]:
         import peft
         import torch
         import transformers
 
-        config = trainer.config
-        last = trainer.history[-1] if trainer.history else None
+        progress, last = summary.progress, summary.last_epoch
         return {
             "run_id": self.run_id,
-            "status": run_status_name(status),
+            "status": run_status_name(summary.status),
             "stop_reason": stop_reason,
             "started_at": self.created_at,
             "finished_at": iso_now(),
-            "duration_seconds": duration,
-            "config": config_to_dict(config),
-            "dataset": trainer.dataset.summary(trainer.train_count, trainer.val_count),
-            "base_models": [info.to_dict() for info in trainer.infos],
-            "epochs_run": len(trainer.history),
-            "total_epochs": config.epochs,
-            "history": trainer.history,
-            "weight_adjustments": trainer.adjustments,
-            "best_epochs": {
-                slot.name: {"epoch": slot.best_epoch, "val_loss": slot.best_val_loss}
-                for slot in trainer.slots
-            },
-            "best_model": trainer.best_model(),
+            "duration_seconds": summary.duration_seconds,
+            "config": config_to_dict(summary.config),
+            "dataset": summary.dataset,
+            "base_models": [info.to_dict() for info in summary.base_models],
+            "epochs_run": summary.epochs_run,
+            "total_epochs": summary.config.epochs,
+            "history": progress.history,
+            "weight_adjustments": progress.adjustments,
+            "best_epochs": progress.best,
+            "best_model": progress.best_model(),
             "final_val_losses": last["val_losses"] if last else {},
-            "final_weights": dict(trainer.weights),
-            "final_lr_multipliers": trainer.effective_lrs(),
+            "final_weights": progress.weights,
+            "final_lr_multipliers": summary.final_lr_multipliers,
             "final_total_loss": last["total_loss"] if last else None,
             "auto_stop_info": last["auto_stop_info"] if last else None,
             "environment": {
-                "device": str(trainer.device),
+                "device": summary.device,
                 "python": platform.python_version(),
                 "torch": torch.__version__,
                 "transformers": transformers.__version__,
@@ -263,56 +283,44 @@ class RunFolder:
             },
         }
 
-    def _final_live_metrics(self, trainer: PopulationTrainer, status: int) -> dict[str, Any]:
-        last = trainer.history[-1] if trainer.history else None
-        return {
-            "run_id": self.run_id,
-            "status": run_status_name(status),
-            "current_epoch": last["current_epoch"] if last else 0,
-            "total_epochs": trainer.config.epochs,
-            "val_losses": last["val_losses"] if last else {},
-            "weights": dict(trainer.weights),
-            "lr_multipliers": trainer.effective_lrs(),
-            "total_loss": last["total_loss"] if last else None,
-            "auto_stop_info": last["auto_stop_info"] if last else None,
+    def _record(self, summary: RunSummary, results: dict[str, Any]) -> None:
+        """The ending's live_metrics.json (at 100 %) and training_results.json."""
+        last = summary.last_epoch or {"current_epoch": 0, "val_losses": {}}
+        final = {
+            "total_epochs": summary.config.epochs,
+            "weights": summary.progress.weights,
+            "lr_multipliers": summary.final_lr_multipliers,
             "progress_percent": 100.0,
             "timestamp": iso_now(),
         }
+        self.write_live_metrics(summary.status, {**last, **final})
+        self._write(RESULTS_FILE, results)
 
-    def certify(
-        self,
-        *,
-        trainer: PopulationTrainer,
-        status: training_pb2.RunStatus.ValueType,
-        epochs_run: int,
-        duration: float,
-    ) -> Certificate:
+    def certify(self, summary: RunSummary) -> str:
+        """The final files of a run that ended with something to certify; returns its DNA."""
+        config, epochs_run = summary.config, summary.epochs_run
         reasons: dict[training_pb2.RunStatus.ValueType, str] = {
-            training_pb2.RUN_STATUS_COMPLETED: f"completed all {trainer.config.epochs} epochs",
+            training_pb2.RUN_STATUS_COMPLETED: f"completed all {config.epochs} epochs",
             training_pb2.RUN_STATUS_AUTO_STOPPED: (
                 f"confidence auto-stop after epoch {epochs_run}: the population loss changed "
-                f"by less than {trainer.config.auto_stop.threshold} for "
-                f"{trainer.config.auto_stop.patience} epoch(s) in a row"
+                f"by less than {config.auto_stop.threshold} for "
+                f"{config.auto_stop.patience} epoch(s) in a row"
             ),
             training_pb2.RUN_STATUS_STOPPED: f"stopped on request after {epochs_run} epoch(s)",
         }
-        self._write(LIVE_METRICS_FILE, self._final_live_metrics(trainer, status))
-        self._write(
-            RESULTS_FILE,
-            self._results(trainer, status=status, duration=duration, stop_reason=reasons[status]),
-        )
+        self._record(summary, self._results(summary, reasons[summary.status]))
         try:
             doc = build_dna(
                 run_id=self.run_id,
                 created_at=self.created_at,
                 base_models=[
                     model_fingerprint(info.name, info.path, info.architecture)
-                    for info in trainer.infos
+                    for info in summary.base_models
                 ],
-                dataset=trainer.dataset.summary(trainer.train_count, trainer.val_count),
+                dataset=summary.dataset,
                 run_dir=self.path,
-                final_weights=dict(trainer.weights),
-                training_config=config_to_dict(trainer.config),
+                final_weights=summary.progress.weights,
+                training_config=config_to_dict(config),
             )
             write_dna(self.path, doc)
             write_ledger_proof(
@@ -326,30 +334,14 @@ class RunFolder:
             raise ArtifactError(
                 f"Cannot write the certificate of {self.path}: {exc.strerror or exc}."
             ) from exc
-        return Certificate(dna=doc["dna"], immutable_hash=doc["immutable_hash"])
+        return str(doc["dna"])
 
-    def write_failure(
-        self,
-        *,
-        trainer: PopulationTrainer,
-        message: str,
-        duration: float,
-        resumable: bool = False,
-        error_seq: int | None = None,
-    ) -> None:
-        """A failed run keeps an honest record (no certificate: nothing to certify).
-
-        `resumable` says whether resuming could get past the failure, and `error_seq` is the
-        seq of the training_error event it belongs to, so the service can tell this verdict
-        from a later failure the worker could not record (it was killed)."""
+    def write_failure(self, summary: RunSummary, error_seq: int) -> None:
+        """A failed run keeps an honest record (no certificate: nothing to certify), with its
+        error, whether resuming could get past it, and the seq of its training_error event, so
+        the service can tell this verdict from a later failure the worker could not record."""
         if not self.path.exists():
             return
-        status = training_pb2.RUN_STATUS_FAILED
-        results = self._results(
-            trainer, status=status, duration=duration, stop_reason=f"failed: {message}"
-        )
-        results["error"] = message
-        results["resumable"] = resumable
-        results["error_seq"] = error_seq
-        self._write(LIVE_METRICS_FILE, self._final_live_metrics(trainer, status))
-        self._write(RESULTS_FILE, results)
+        results = self._results(summary, f"failed: {summary.error}")
+        results.update(error=summary.error, resumable=summary.resumable, error_seq=error_seq)
+        self._record(summary, results)

@@ -37,7 +37,7 @@ def worker_main(spec: dict[str, Any], conn: Connection) -> None:
     from services.training.data import load_dataset
     from services.training.events import EVENTS_FILE, EventLog
     from services.training.models import resolve_models
-    from services.training.population import PopulationTrainer
+    from services.training.population import TrainingRun
     from services.training.run_folder import RunFolder
 
     stop = threading.Event()
@@ -75,7 +75,7 @@ def worker_main(spec: dict[str, Any], conn: Connection) -> None:
             start_seq=int(spec.get("start_seq", 0)),
         )
         models_root = Path(spec["models_root"])
-        trainer = PopulationTrainer(
+        run = TrainingRun(
             config,
             run_id=folder.run_id,
             models=resolve_models(list(config.base_models), models_root),
@@ -85,7 +85,7 @@ def worker_main(spec: dict[str, Any], conn: Connection) -> None:
             stop=stop,
             resume_from=Path(resume_from) if resume_from else None,
         )
-        trainer.run()
+        run.run()  # a resumed run first sends what the log lacks of its last epoch
     conn.close()
 
 

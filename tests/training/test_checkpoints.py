@@ -6,7 +6,9 @@ from __future__ import annotations
 import errno
 import json
 import random
+import resource
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,27 +25,25 @@ from services.core.verify import verify_run_folder
 from services.training import checkpoints
 from services.training.checkpoints import (
     CheckpointError,
+    CheckpointMismatch,
     checkpoint_epochs,
     checkpoint_path,
     latest_checkpoint,
     prune_checkpoints,
     read_checkpoint,
-    restore_optimizer,
-    restore_trainable,
     save_checkpoint,
-    trainable_state,
 )
 from services.training.data import load_dataset
 from services.training.events import EVENTS_FILE, EventLog, read_events
+from services.training.member import capture_state, restore_state
 from services.training.models import resolve_models
 from services.training.population import (
-    PopulationTrainer,
-    RunOutcome,
     StepInfo,
     TrainingDiverged,
+    TrainingRun,
     resumable_failure,
 )
-from services.training.run_folder import RunFolder
+from services.training.run_folder import RunFolder, RunSummary
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -66,7 +66,9 @@ def tiny_model(seed: int) -> tuple[nn.Sequential, torch.optim.Optimizer]:
 
 def test_round_trip_restores_weights_optimizer_and_state(tmp_path: Path) -> None:
     model, optimizer = tiny_model(1)
-    path = save_checkpoint(tmp_path, 2, {"weights": {"a": 1.25}}, {"a": (model, optimizer)})
+    path = save_checkpoint(
+        tmp_path, 2, {"weights": {"a": 1.25}}, {"a": capture_state(model, optimizer)}
+    )
     assert path == checkpoint_path(tmp_path, 2) and checkpoint_epochs(tmp_path) == [2]
 
     other, other_optimizer = tiny_model(2)
@@ -74,13 +76,12 @@ def test_round_trip_restores_weights_optimizer_and_state(tmp_path: Path) -> None
     assert not torch.equal(dict(other.named_parameters())["1.weight"], before["1.weight"])
     frozen = dict(other.named_parameters())["0.bias"].detach().clone()
     loaded = read_checkpoint(path)
-    restore_trainable(other, loaded.weights_file("a"))
-    restore_optimizer(other_optimizer, loaded.optimizer_file("a"))
-    for name, tensor in trainable_state(model).items():
+    restore_state(other, other_optimizer, loaded.member_state("a"), str(path))
+    for name, tensor in capture_state(model, optimizer).weights.items():
         assert torch.equal(dict(other.named_parameters())[name], tensor)
     # frozen parameters are left alone
     assert torch.equal(dict(other.named_parameters())["0.bias"], frozen)
-    assert set(trainable_state(other)) == {"0.weight", "1.weight", "1.bias"}
+    assert set(capture_state(other, other_optimizer).weights) == {"0.weight", "1.weight", "1.bias"}
     saved, restored = optimizer.state_dict(), other_optimizer.state_dict()
     assert saved["param_groups"] == restored["param_groups"]
     for key, moments in saved["state"].items():
@@ -91,21 +92,22 @@ def test_round_trip_restores_weights_optimizer_and_state(tmp_path: Path) -> None
 
 def test_a_checkpoint_for_another_model_is_refused(tmp_path: Path) -> None:
     model, optimizer = tiny_model(1)
-    path = save_checkpoint(tmp_path, 1, {}, {"a": (model, optimizer)})
+    path = save_checkpoint(tmp_path, 1, {}, {"a": capture_state(model, optimizer)})
+    saved = read_checkpoint(path).member_state("a")
     wider = nn.Sequential(nn.Linear(4, 5), nn.Linear(5, 2))
     wider.get_submodule("0").bias.requires_grad_(False)
-    with pytest.raises(CheckpointError, match="shape"):
-        restore_trainable(wider, read_checkpoint(path).weights_file("a"))
+    with pytest.raises(CheckpointMismatch, match="shape"):
+        restore_state(wider, torch.optim.AdamW(wider.parameters()), saved, str(path))
     renamed = nn.Sequential(nn.Linear(4, 3))
-    with pytest.raises(CheckpointError, match="does not fit"):
-        restore_trainable(renamed, read_checkpoint(path).weights_file("a"))
+    with pytest.raises(CheckpointMismatch, match="does not fit"):
+        restore_state(renamed, torch.optim.AdamW(renamed.parameters()), saved, str(path))
 
 
 def test_a_failed_write_leaves_no_checkpoint_and_names_the_cause(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model, optimizer = tiny_model(1)
-    save_checkpoint(tmp_path, 1, {}, {"a": (model, optimizer)})
+    save_checkpoint(tmp_path, 1, {}, {"a": capture_state(model, optimizer)})
 
     real_write = checkpoints._write_file
 
@@ -116,7 +118,7 @@ def test_a_failed_write_leaves_no_checkpoint_and_names_the_cause(
 
     monkeypatch.setattr(checkpoints, "_write_file", full_disk)
     with pytest.raises(CheckpointError) as failed:
-        save_checkpoint(tmp_path, 2, {}, {"a": (model, optimizer)})
+        save_checkpoint(tmp_path, 2, {}, {"a": capture_state(model, optimizer)})
     message = failed.value.message
     assert "No space left on device" in message and "epoch 2" in message
     assert str(checkpoint_path(tmp_path, 2)) in message
@@ -127,7 +129,7 @@ def test_a_failed_write_leaves_no_checkpoint_and_names_the_cause(
 def test_a_torn_or_altered_checkpoint_falls_back_to_the_one_before(tmp_path: Path) -> None:
     model, optimizer = tiny_model(1)
     for epoch in (1, 2, 3):
-        save_checkpoint(tmp_path, epoch, {"n": epoch}, {"a": (model, optimizer)})
+        save_checkpoint(tmp_path, epoch, {"n": epoch}, {"a": capture_state(model, optimizer)})
     # a crash before the rename leaves only a staging folder: never taken for a checkpoint
     staging = tmp_path / "checkpoints" / ".epoch-0004.staging"
     staging.mkdir()
@@ -216,8 +218,9 @@ def workspace(tmp_path_factory: pytest.TempPathFactory, demo_models_dir: Path) -
         (models / name).symlink_to(demo_models_dir / name, target_is_directory=True)
     datasets = root / "datasets"
     datasets.mkdir()
-    lines = (REPO / "datasets" / "sample.jsonl").read_text().splitlines()[:24]
-    (datasets / "small.jsonl").write_text("\n".join(lines) + "\n")
+    lines = (REPO / "datasets" / "sample.jsonl").read_text().splitlines()
+    (datasets / "small.jsonl").write_text("\n".join(lines[:24]) + "\n")
+    (datasets / "long.jsonl").write_text("\n".join(lines[:170]) + "\n")
     return models, datasets
 
 
@@ -231,23 +234,26 @@ def trainer_for(
     on_step: Any = None,
     folder: RunFolder | None = None,
     names: list[str] = MODELS,
-) -> PopulationTrainer:
+    on_event: Callable[[dict[str, Any]], None] | None = None,
+    **request: Any,
+) -> TrainingRun:
     models, datasets = workspace
-    config = config_from_body({**REQUEST, "baseModels": names})
+    config = config_from_body({**REQUEST, "baseModels": names, **request})
     if folder is None:
         folder = RunFolder.create(models, run_id)
         folder.write_manifest(config, [])
-    events = EventLog(
-        run_id,
-        path=folder.path / EVENTS_FILE,
-        sinks=(lambda e: sink.append(event_to_dict(e)),),
-        start_seq=start_seq,
-    )
-    return PopulationTrainer(
+
+    def record(event: training_pb2.TrainingEvent) -> None:
+        sink.append(event_to_dict(event))
+        if on_event is not None:
+            on_event(sink[-1])
+
+    events = EventLog(run_id, path=folder.path / EVENTS_FILE, sinks=(record,), start_seq=start_seq)
+    return TrainingRun(
         config,
         run_id=run_id,
         models=resolve_models(names, models),
-        dataset=load_dataset("small", datasets),
+        dataset=load_dataset(config.dataset_id, datasets),
         folder=folder,
         events=events,
         stop=threading.Event(),
@@ -257,7 +263,7 @@ def trainer_for(
 
 
 @pytest.fixture(scope="module")
-def uncut(workspace: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> RunOutcome:
+def uncut(workspace: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> RunSummary:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("ONESEEK_STATE_DIR", str(tmp_path_factory.mktemp("state")))
         patch.delenv("LEDGER_URL", raising=False)
@@ -266,7 +272,7 @@ def uncut(workspace: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
 
 @pytest.mark.slow
 def test_a_run_cut_off_mid_epoch_resumes_to_the_same_end(
-    workspace: tuple[Path, Path], uncut: RunOutcome, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    workspace: tuple[Path, Path], uncut: RunSummary, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setenv("ONESEEK_STATE_DIR", str(tmp_path))
     monkeypatch.delenv("LEDGER_URL", raising=False)
@@ -365,3 +371,141 @@ def test_an_unwritable_event_log_still_ends_the_run(
     logged = list(read_events(outcome.run_dir / EVENTS_FILE))
     assert [e.seq for e in logged] == list(range(1, len(logged) + 1))
     assert len(logged) == len(seen) - 1  # all but the ending, which only the sinks got
+
+
+# ---- an epoch is durable before it is announced ---------------------------------------------
+
+STATE_KEYS = {
+    *("run_id", "config", "dataset_sha256", "models", "weights", "auto_stop", "best"),
+    *("history", "adjustments", "last_val_losses", "last_total", "steps_done"),
+    *("step_seconds", "elapsed_seconds", "rng", "format", "epoch", "files"),
+}
+"""state.json's keys before announcements were checkpointed."""
+
+
+def assert_each_epoch_once_in_order(run_dir: Path, epochs: int) -> list[dict[str, Any]]:
+    """The replay of events.jsonl: whole, every epoch started, ended and adjusted once and in
+    the documented order, and training_results.json's history is the log's epoch_ends."""
+    logged = [event_to_dict(e) for e in read_events(run_dir / EVENTS_FILE)]
+    assert [e["seq"] for e in logged] == list(range(1, len(logged) + 1))
+    kinds = [(e["type"], e.get("epoch")) for e in logged if e["type"] != "progress"]
+    per_epoch = ("epoch_start", "epoch_end", "weight_adjustment")
+    expected = [(kind, n) for n in range(1, epochs + 1) for kind in per_epoch]
+    assert kinds == [*expected, ("training_complete", None)]
+    results = json.loads((run_dir / "training_results.json").read_text())
+    assert results["status"] == "completed" and results["epochs_run"] == epochs
+    assert results["history"] == [e for e in logged if e["type"] == "epoch_end"]
+    report = verify_run_folder(run_dir)
+    assert report.ok, report.problems
+    return logged
+
+
+@pytest.mark.slow
+def test_an_epoch_checkpointed_but_never_announced_is_announced_once_on_resume(
+    workspace: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The disk fills up between epoch 1's checkpoint and its announcement (RLIMIT_FSIZE stands
+    in for it, as in tests/faults): events.jsonl holds nothing of the announcement, but the
+    epoch is durable. Resuming announces it with fresh seqs instead of training it again."""
+    monkeypatch.setenv("ONESEEK_STATE_DIR", str(tmp_path))
+    monkeypatch.delenv("LEDGER_URL", raising=False)
+    run_id = "run-20260201-000005"
+    run_dir = workspace[0] / "oneseek-certified" / run_id
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+
+    def fill_the_disk(event: dict[str, Any]) -> None:
+        # after the epoch's last step the log may not grow, while the checkpoint's files (each
+        # smaller than the log by then: one step is one progress event) may be written
+        last_step = event["type"] == "progress" and event["step"] == event["total_steps"]
+        if last_step and event["epoch"] == 1:
+            size = (run_dir / EVENTS_FILE).stat().st_size
+            resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+
+    seen: list[dict[str, Any]] = []
+    # one step per record, each with a progress event: the log outgrows every checkpoint file
+    request = {"datasetId": "long", "epochs": 2, "batchSize": 1, "refreshInterval": 1e-9}
+    first = trainer_for(
+        workspace, run_id, sink=seen, names=["tiny-gpt2"], on_event=fill_the_disk, **request
+    )
+    try:
+        failed = first.run()
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert failed.status == training_pb2.RUN_STATUS_FAILED and failed.resumable, failed.error
+    assert "File too large" in str(failed.error)
+    checkpoint = latest_checkpoint(run_dir)
+    assert checkpoint is not None and checkpoint.epoch == 1
+    assert set(checkpoint.state) == STATE_KEYS | {"announcement"}
+    assert [e["type"] for e in checkpoint.state["announcement"]] == [
+        "epoch_end",
+        "weight_adjustment",
+    ]
+    on_disk = list(read_events(run_dir / EVENTS_FILE))
+    assert {e.WhichOneof("payload") for e in on_disk} == {"epoch_start", "progress"}
+
+    resumed = trainer_for(
+        workspace,
+        run_id,
+        sink=seen,
+        names=["tiny-gpt2"],
+        start_seq=len(on_disk),
+        resume_from=checkpoint.path,
+        folder=RunFolder(run_dir),
+        **request,
+    ).run()
+
+    assert resumed.status == training_pb2.RUN_STATUS_COMPLETED, resumed.error
+    logged = assert_each_epoch_once_in_order(run_dir, epochs=2)
+    # the announcement came first after the resume, with the seqs that follow the log's
+    announced = logged[len(on_disk) : len(on_disk) + 2]
+    assert [(e["type"], e["seq"]) for e in announced] == [
+        ("epoch_end", len(on_disk) + 1),
+        ("weight_adjustment", len(on_disk) + 2),
+    ]
+    stamped = checkpoint.state["announcement"][0]
+    assert announced[0]["val_losses"] == stamped["val_losses"]
+    assert announced[0]["weights"] == stamped["weights"]
+    assert announced[0]["timestamp"] >= stamped["timestamp"]
+
+
+@pytest.mark.slow
+def test_a_death_right_after_an_epoch_end_does_not_train_the_epoch_again(
+    workspace: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The process dies the moment epoch 1's epoch_end is in the log (its watcher raising what
+    the trainer does not catch, as SIGKILL would): the epoch was checkpointed before, so the
+    resumed run goes on with epoch 2 and first sends the weight_adjustment the log lacks."""
+    monkeypatch.setenv("ONESEEK_STATE_DIR", str(tmp_path))
+    monkeypatch.delenv("LEDGER_URL", raising=False)
+    run_id = "run-20260201-000006"
+    run_dir = workspace[0] / "oneseek-certified" / run_id
+    seen: list[dict[str, Any]] = []
+
+    def die_at_epoch_end(event: dict[str, Any]) -> None:
+        if event["type"] == "epoch_end":
+            raise Killed
+
+    with pytest.raises(Killed):
+        trainer_for(workspace, run_id, sink=seen, on_event=die_at_epoch_end).run()
+    on_disk = list(read_events(run_dir / EVENTS_FILE))
+    assert on_disk[-1].WhichOneof("payload") == "epoch_end" and on_disk[-1].epoch_end.epoch == 1
+    checkpoint = latest_checkpoint(run_dir)
+    assert checkpoint is not None and checkpoint.epoch == 1
+    assert not (run_dir / "adapters" / MODELS[0]).exists()  # it died before saving them
+
+    resumed = trainer_for(
+        workspace,
+        run_id,
+        sink=seen,
+        start_seq=on_disk[-1].seq,
+        resume_from=checkpoint.path,
+        folder=RunFolder(run_dir),
+    ).run()
+
+    assert resumed.status == training_pb2.RUN_STATUS_COMPLETED, resumed.error
+    logged = assert_each_epoch_once_in_order(run_dir, epochs=3)
+    assert logged == seen  # what the watchers saw is what the log holds
+    first_end = next(e for e in logged if e["type"] == "epoch_end")
+    assert first_end == event_to_dict(on_disk[-1])  # the logged one stands, not a second
+    live = json.loads((run_dir / "live_metrics.json").read_text())
+    assert live["status"] == "completed" and live["current_epoch"] == 3

@@ -20,8 +20,8 @@ from services.core.verify import verify_run_folder
 from services.training.data import load_dataset
 from services.training.events import EVENTS_FILE, EventLog, read_events
 from services.training.models import resolve_models
-from services.training.population import PopulationTrainer, RunOutcome, StepInfo
-from services.training.run_folder import RunFolder
+from services.training.population import StepInfo, TrainingRun
+from services.training.run_folder import RunFolder, RunSummary
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @dataclass
 class Run:
-    outcome: RunOutcome
+    outcome: RunSummary
     events: list[dict[str, Any]]
     config: RunConfig
 
@@ -52,7 +52,7 @@ def train(
         path=folder.path / EVENTS_FILE,
         sinks=(lambda e: events.append(event_to_dict(e)),),
     )
-    trainer = PopulationTrainer(
+    trainer = TrainingRun(
         config,
         run_id=run_id,
         models=resolve_models(list(config.base_models), models_dir),
