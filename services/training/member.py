@@ -125,7 +125,7 @@ class PopulationMember:
         device: torch.device,
     ) -> None:
         self.info, self.device = info, device
-        # settings, not the RunConfig message: a member must pickle, and the message does not
+        # the two settings it uses between epochs; the rest is spent building it
         self.seed, self.batch_size = config.seed, config.batch_size
         self.tokenizer = load_tokenizer(info)
         torch.manual_seed(derive_seed(config.seed, info.name, "init"))

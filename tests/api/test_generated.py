@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -58,3 +59,14 @@ def test_event_carries_every_documented_type() -> None:
         "training_error",
         "heartbeat",
     }
+
+
+def test_messages_pickle_under_their_real_module() -> None:
+    # a worker's spec or another process's arguments may carry them
+    config = training_pb2.RunConfig(dataset_id="sample", base_models=["a", "b"], epochs=3)
+    event = training_pb2.TrainingEvent(run_id="run-20260101-000000", seq=1)
+    event.epoch_end.val_losses["a"] = 2.5
+    report = metrics_pb2.ReportMetricsRequest(run_id="run-20260101-000000", epoch=1)
+    for message in (config, event, report):
+        assert type(message).__module__.startswith("services.api.oneseek.")
+        assert pickle.loads(pickle.dumps(message)) == message
