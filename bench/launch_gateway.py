@@ -18,8 +18,8 @@ import time
 from typing import IO
 
 from gateway import feeds
-from gateway.cli import main
 from services.api import training_pb2
+from services.cli import main
 
 
 def log_receipts(path: str) -> None:
@@ -51,7 +51,7 @@ if __name__ == "__main__":
         import cProfile
 
         with cProfile.Profile() as profile:
-            code = main(["--host", "127.0.0.1", *rest])
+            code = main(["gateway", "--host", "127.0.0.1", *rest])
         profile.dump_stats(args.profile)
         sys.exit(code)
-    sys.exit(main(["--host", "127.0.0.1", *rest]))
+    sys.exit(main(["gateway", "--host", "127.0.0.1", *rest]))

@@ -1,3 +1,3 @@
 """The HTTP face of the suite: REST routes, the live websocket feed and the admin page, speaking
 only gRPC to the training and metrics services. Entry points: `gateway.app.create_app` and
-`gateway.cli` (`oneseek gateway`)."""
+`gateway.cli.run` (`oneseek gateway`)."""

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import re
-import signal
 import sys
 from collections.abc import Callable
 
@@ -21,7 +19,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.app import AccessLog, create_app
 from gateway.settings import GatewaySettings
-from services.api.runtime import client_tls_ca, configure_logging
+from services.api.runtime import client_tls_ca, configure_logging, stop_signals
 
 log = logging.getLogger("oneseek.gateway")
 
@@ -46,18 +44,6 @@ def _malformed_http_in_one_line(record: logging.LogRecord) -> bool:
     return True
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", help="listen host (default $ONESEEK_GATEWAY_HOST or 127.0.0.1)")
-    parser.add_argument(
-        "--port", type=int, help="listen port (default $ONESEEK_GATEWAY_PORT or 3001)"
-    )
-    parser.add_argument("--training-addr", help="training service (default $ONESEEK_TRAINING_ADDR)")
-    parser.add_argument("--metrics-addr", help="metrics service (default $ONESEEK_METRICS_ADDR)")
-    parser.add_argument(
-        "--tls-ca", help="PEM CA bundle: reach the services over TLS (default $ONESEEK_TLS_CA)"
-    )
-
-
 async def serve(
     settings: GatewaySettings,
     ready: Callable[[int], None] | None = None,
@@ -71,29 +57,22 @@ async def serve(
         shutdown_timeout=SHUTDOWN_GRACE,
     )
     await runner.setup()
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    try:
-        site = web.TCPSite(runner, settings.host, settings.port, shutdown_timeout=SHUTDOWN_GRACE)
-        await site.start()
-        port = settings.port
-        server = getattr(site, "_server", None)
-        sockets = getattr(server, "sockets", None) or []
-        if sockets:
-            port = sockets[0].getsockname()[1]
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stopping.set)
-        log.info("gateway listening on http://%s:%d/", settings.host, port)
-        if ready is not None:
-            ready(port)
-        await stopping.wait()
-        log.info("shutting down")
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(Exception):
-                loop.remove_signal_handler(sig)
-        await runner.cleanup()
-        log.info("gateway stopped")
+    async with stop_signals() as stop:
+        try:
+            site = web.TCPSite(
+                runner, settings.host, settings.port, shutdown_timeout=SHUTDOWN_GRACE
+            )
+            await site.start()
+            sockets = getattr(getattr(site, "_server", None), "sockets", None) or []
+            port = sockets[0].getsockname()[1] if sockets else settings.port
+            log.info("gateway listening on http://%s:%d/", settings.host, port)
+            if ready is not None:
+                ready(port)
+            await stop.wait()
+            log.info("shutting down")
+        finally:
+            await runner.cleanup()
+            log.info("gateway stopped")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -123,9 +102,3 @@ def run(args: argparse.Namespace) -> int:
         )
         return EXIT_FAILED
     return EXIT_OK
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="oneseek gateway", description=__doc__)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))

@@ -17,7 +17,7 @@ import grpc
 from aiohttp import web
 
 from services.api.runtime import FIELD_METADATA_KEY
-from services.core.errors import OneSeekError
+from services.core.errors import DOMAIN_ERRORS, OneSeekError
 
 log = logging.getLogger("oneseek.gateway")
 
@@ -38,15 +38,12 @@ ERROR_CODES: dict[int, str] = {
 """HTTP status -> the `error` code clients switch on."""
 
 STATUS_OF_GRPC: dict[grpc.StatusCode, int] = {
-    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    # what the services' own errors answer, as each kind carries it
+    **{grpc.StatusCode[kind.grpc_status]: kind.http_status for kind in DOMAIN_ERRORS},
     grpc.StatusCode.OUT_OF_RANGE: 400,
-    grpc.StatusCode.NOT_FOUND: 404,
-    grpc.StatusCode.FAILED_PRECONDITION: 409,
-    grpc.StatusCode.ALREADY_EXISTS: 409,
     grpc.StatusCode.ABORTED: 409,
     grpc.StatusCode.UNAUTHENTICATED: 401,
     grpc.StatusCode.PERMISSION_DENIED: 403,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
     grpc.StatusCode.UNIMPLEMENTED: 501,
     grpc.StatusCode.UNAVAILABLE: 503,
     grpc.StatusCode.DEADLINE_EXCEEDED: 503,

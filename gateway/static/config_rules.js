@@ -17,7 +17,7 @@ export function pyRepr(value) {
   if (value === null || value === undefined) return "None";
   if (value === true) return "True";
   if (value === false) return "False";
-  if (typeof value === "number") return Number.isFinite(value) ? String(value) : pyFloat(value);
+  if (typeof value === "number") return String(value); // JSON has no NaN or infinity
   if (typeof value === "string") {
     const quote = value.includes("'") && !value.includes('"') ? '"' : "'";
     const body = value.replaceAll("\\", "\\\\").replaceAll(quote, `\\${quote}`);
@@ -26,11 +26,6 @@ export function pyRepr(value) {
   if (Array.isArray(value)) return `[${value.map(pyRepr).join(", ")}]`;
   const items = Object.entries(value).map(([key, item]) => `${pyRepr(key)}: ${pyRepr(item)}`);
   return `{${items.join(", ")}}`;
-}
-
-function pyFloat(value) {
-  if (Number.isNaN(value)) return "nan";
-  return value > 0 ? "inf" : "-inf";
 }
 
 /** Python's strftime for the directives a run id may use, in UTC. */

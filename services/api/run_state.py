@@ -15,7 +15,6 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from services.api import metrics_pb2, training_pb2
 from services.api.codec import (
     event_from_dict,
-    format_timestamp,
     parse_timestamp,
     run_status_name,
     run_status_value,
@@ -102,17 +101,6 @@ class RunState:
         """When the run's terminal event came; None while it runs."""
         self._history: dict[int, training_pb2.EpochEnd] = {}
         self._epoch_seq: dict[int, int] = {}
-
-    @classmethod
-    def of_run(cls, run: training_pb2.Run) -> RunState:
-        """A run the training service described (GetRun), with none of its events applied."""
-        return cls(
-            run.run_id,
-            config=run.config if run.HasField("config") else None,
-            models=run.models,
-            created_at=format_timestamp(run.created_at) if run.HasField("created_at") else "",
-            total_epochs=run.total_epochs,
-        )
 
     @property
     def status_value(self) -> training_pb2.RunStatus.ValueType:

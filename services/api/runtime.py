@@ -15,11 +15,14 @@ everything is plaintext, which is safe only on loopback.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import hmac
 import logging
 import os
-from collections.abc import Awaitable, Callable, Iterable
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -288,6 +291,20 @@ async def add_health_and_reflection(
         await servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection([*service_names, reflection.SERVICE_NAME], server)
     return servicer
+
+
+@contextlib.asynccontextmanager
+async def stop_signals() -> AsyncIterator[asyncio.Event]:
+    """An event that SIGTERM or SIGINT sets while the block runs: a process's shutdown goes
+    inside the block, so a second signal during it is absorbed instead of killing it."""
+    stop, loop = asyncio.Event(), asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        yield stop
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
 
 
 class _KeyValueFormatter(logging.Formatter):

@@ -57,3 +57,7 @@ class TooSlow(OneSeekError):
 
 class ArtifactError(OneSeekError):
     """A run folder could not be written (disk full, permissions, ...)."""
+
+
+DOMAIN_ERRORS = (InvalidInput, NotFound, Conflict, AlreadyExists, TooSlow)
+"""The kinds a caller can act on: a client maps their gRPC status back to their HTTP status."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
 from collections.abc import AsyncIterator
 from typing import Any
@@ -36,6 +35,7 @@ from services.api.runtime import (
     report_token,
     server_tls,
     status_code,
+    stop_signals,
     training_addr,
 )
 from services.core.errors import InvalidInput, OneSeekError
@@ -287,49 +287,20 @@ async def serve(
 ) -> None:
     """Runs the metrics service until SIGTERM or SIGINT, then stops it gracefully."""
     server = MetricsServer(addr, training_addr, db_url, tls=tls, training_ca=training_ca)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await server.start()
-        await stop.wait()
-        log.info("shutting down on signal")
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
-        await server.stop()
+    async with stop_signals() as stop:
+        try:
+            await server.start()
+            await stop.wait()
+            log.info("shutting down on signal")
+        finally:
+            await server.stop()
 
 
 # ---- command line ---------------------------------------------------------------------------
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--addr",
-        default=None,
-        help="host:port to listen on (default: $ONESEEK_METRICS_ADDR or 127.0.0.1:50052)",
-    )
-    parser.add_argument(
-        "--training-addr",
-        default=None,
-        help="the training service to follow (default: $ONESEEK_TRAINING_ADDR or 127.0.0.1:50051)",
-    )
-    parser.add_argument(
-        "--db-url",
-        default=None,
-        help="sqlite:///path or a file path (default: $ONESEEK_DB_URL or sqlite:///var/metrics.db)",
-    )
-    parser.add_argument("--tls-cert", help="PEM certificate: serve TLS (default $ONESEEK_TLS_CERT)")
-    parser.add_argument(
-        "--tls-key", help="PEM private key of --tls-cert (default $ONESEEK_TLS_KEY)"
-    )
-    parser.add_argument(
-        "--tls-ca", help="PEM CA bundle: reach the training service over TLS ($ONESEEK_TLS_CA)"
-    )
-
-
 def run(args: argparse.Namespace) -> int:
+    """`oneseek metrics-service` (its flags: services/cli.py)."""
     configure_logging("metrics-service")
     try:
         tls = server_tls(getattr(args, "tls_cert", None), getattr(args, "tls_key", None))
@@ -350,15 +321,3 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: the metrics service could not start: {error}", file=sys.stderr)
         return 1
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="oneseek metrics-service", description="Run the OneSeek metrics service."
-    )
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

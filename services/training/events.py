@@ -41,9 +41,6 @@ class EventLog:
         self._sinks = list(sinks)
         self._file: IO[str] | None = None
 
-    def add_sink(self, sink: EventSink) -> None:
-        self._sinks.append(sink)
-
     def emit(self, kind: str, payload: Any) -> training_pb2.TrainingEvent:
         """Wraps `payload` (a message of the oneof field `kind`) in a stamped event.
 

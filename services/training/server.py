@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
-import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,6 +28,7 @@ from services.api.runtime import (
     admin_token,
     configure_logging,
     server_tls,
+    stop_signals,
     training_addr,
 )
 from services.core.errors import OneSeekError
@@ -176,21 +175,15 @@ async def serve(
     if ready is not None:
         ready(port)
 
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
-    try:
-        await stopping.wait()
-    finally:
-        log.info("shutting down: stopping active runs (grace %ss)", shutdown_grace)
-        await health.enter_graceful_shutdown()
-        await service.shutdown(grace=shutdown_grace)
-        await server.stop(grace=5)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(Exception):
-                loop.remove_signal_handler(sig)
-        log.info("training service stopped")
+    async with stop_signals() as stop:
+        try:
+            await stop.wait()
+        finally:
+            log.info("shutting down: stopping active runs (grace %ss)", shutdown_grace)
+            await health.enter_graceful_shutdown()
+            await service.shutdown(grace=shutdown_grace)
+            await server.stop(grace=5)
+            log.info("training service stopped")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -165,7 +165,6 @@ class TrainingService:
             "models_root": str(self.models_root),
             "datasets_root": str(self.datasets_root),
             "start_seq": start_seq,
-            "resumed": start_seq > 0,
             "resume_from": str(resume_from) if resume_from is not None else None,
         }
         handles: list[WorkerHandle] = []

@@ -104,7 +104,6 @@ class WorkerHandle:
         on_exit: Callable[[int | None], None],
     ) -> None:
         self.run_id = run_id
-        self._spec = spec
         self._on_event = on_event
         self._on_exit = on_exit
         context = multiprocessing.get_context("spawn")
@@ -114,7 +113,6 @@ class WorkerHandle:
         )
         self._child = child
         self._reader = threading.Thread(target=self._read, name=f"oneseek-read-{run_id}")
-        self.stop_requested = False
 
     def start(self) -> None:
         self.process.start()
@@ -133,7 +131,6 @@ class WorkerHandle:
         self._on_exit(self.process.exitcode)
 
     def request_stop(self) -> None:
-        self.stop_requested = True
         with contextlib.suppress(OSError):  # already gone: the reader reports its exit
             self._conn.send_bytes(STOP)
 

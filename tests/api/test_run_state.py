@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from services.api import training_pb2
 from services.api.codec import event_to_dict, message_to_dict, now_timestamp
 from services.api.run_state import RunState, fold
+from services.metrics.records import record_from_run
 from tests.metrics.sample_run import (
     LEARNING_RATE,
     MODELS,
@@ -22,7 +23,7 @@ from tests.metrics.sample_run import (
 
 
 def _new_state() -> RunState:
-    return RunState.of_run(run_message())
+    return record_from_run(run_message()).state()
 
 
 def test_before_the_first_epoch_every_model_is_listed_at_its_start_values() -> None:

@@ -15,7 +15,8 @@ import pytest
 
 from services.api import training_pb2
 from services.api.codec import event_to_dict, now_timestamp
-from services.api.run_state import RunState, fold
+from services.api.run_state import fold
+from services.metrics.records import record_from_run
 from tests.metrics.sample_run import RUN_ID, run_events, run_message, three_epochs
 
 REPO = Path(__file__).resolve().parents[2]
@@ -82,7 +83,7 @@ def test_the_page_reads_a_resumed_run_as_running_then_completed() -> None:
     assert resumed["status"] == "running" and not resumed["finished"]
     assert resumed["error"] is None and resumed["epoch"] == 2
     # the same numbers the metrics service's fold gives
-    state = RunState.of_run(run_message())
+    state = record_from_run(run_message()).state()
     fold(state, events[: cut + 2])
     assert resumed["percent"] == pytest.approx(state.progress_percent)
     ending, summary = seen[-2], seen[-1]

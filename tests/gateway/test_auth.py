@@ -3,15 +3,13 @@ refusal to start on a public address without a token."""
 
 from __future__ import annotations
 
-import argparse
-
 import pytest
 from aiohttp.test_utils import make_mocked_request
 
 from gateway.auth import Access, authorize
-from gateway.cli import add_arguments, run
 from gateway.errors import ApiError
 from gateway.settings import GatewaySettings, is_loopback
+from services.cli import main as oneseek
 
 ADMIN, REPORT = "a-token", "r-token"
 
@@ -112,9 +110,7 @@ def test_cli_exits_2_on_a_public_address_without_a_token(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.delenv("ONESEEK_ADMIN_TOKEN", raising=False)
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    assert run(parser.parse_args(["--host", "0.0.0.0", "--port", "0"])) == 2
+    assert oneseek(["gateway", "--host", "0.0.0.0", "--port", "0"]) == 2
     assert "ONESEEK_ADMIN_TOKEN" in capsys.readouterr().err
 
 

@@ -39,7 +39,7 @@ def _wait_http(url: str, process: subprocess.Popen[bytes], timeout: float = 30) 
 def _spawn(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with open(log, "wb") as handle:
         return subprocess.Popen(
-            [sys.executable, "-m", "gateway", "--host", "127.0.0.1"],
+            [sys.executable, "-m", "services.cli", "gateway", "--host", "127.0.0.1"],
             env=env,
             stdout=handle,
             stderr=subprocess.STDOUT,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from services.api import metrics_pb2, training_pb2
-from services.api.run_state import RunState, fold
+from services.api.run_state import fold
 from services.metrics.catalog import RunCatalog
 from services.metrics.fanout import EventFanout
 from services.metrics.records import record_from_run
@@ -57,7 +57,7 @@ async def test_a_state_loaded_while_events_arrive_misses_none(store: GatedStore)
     store.gate.set()
     state = await loading
     assert state is not None and state.last_seq == 9
-    expected = fold(RunState.of_run(run_message()), events[:9])
+    expected = fold(record_from_run(run_message()).state(), events[:9])
     assert state.metrics() == expected.metrics()
     await catalog.commit(events[9:])
     assert state.last_seq == len(events) and state.status == "completed"

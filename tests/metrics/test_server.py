@@ -28,9 +28,10 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from services.api import metrics_pb2, metrics_pb2_grpc, training_pb2
 from services.api.codec import message_to_dict
 from services.api.runtime import bearer
+from services.cli import main as oneseek
 from services.metrics.catalog import RunCatalog
 from services.metrics.records import record_from_run
-from services.metrics.server import SERVICE_NAME, MetricsServer, main
+from services.metrics.server import SERVICE_NAME, MetricsServer
 from tests.metrics.sample_run import RUN_ID, run_events, run_message, three_epochs, with_cursors
 
 OUTSIDE = "run-20260201-090000"
@@ -474,7 +475,8 @@ def test_the_command_serves_until_sigterm_then_stops_cleanly(tmp_path: Path) -> 
         [
             sys.executable,
             "-m",
-            "services.metrics.server",
+            "services.cli",
+            "metrics-service",
             f"--addr=127.0.0.1:{port}",
             f"--training-addr={DEAD_TRAINING_ADDR}",
             f"--db-url=sqlite:///{tmp_path / 'var' / 'metrics.db'}",
@@ -504,6 +506,7 @@ def test_the_command_serves_until_sigterm_then_stops_cleanly(tmp_path: Path) -> 
 
 
 def test_the_command_refuses_postgresql_for_now(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["--addr=127.0.0.1:0", "--db-url=postgresql://u:secret@db/metrics"]) == 2
+    argv = ["metrics-service", "--addr=127.0.0.1:0", "--db-url=postgresql://u:secret@db/metrics"]
+    assert oneseek(argv) == 2
     printed = capsys.readouterr().err
     assert "PostgreSQL is not available yet" in printed and "secret" not in printed
