@@ -12,7 +12,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+
 from services.api import metrics_pb2, training_pb2
+from services.api.codec import is_map
 from services.api.reports import check_report
 from services.api.run_config import build_config, read_body, to_request
 from services.core.checks import finite_number, flag, whole_number
@@ -35,47 +39,10 @@ REPORT_FIELDS = tuple(
 )
 """A report body's fields: the request's own, but for the run id that the path gives."""
 AUTO_STOP_FIELDS = tuple(f.name for f in training_pb2.AutoStopInfo.DESCRIPTOR.fields)
-
-
-def _losses(value: object, field: str) -> dict[str, float]:
-    if not isinstance(value, Mapping):
-        raise InvalidInput(
-            f'{field} must be an object of model name -> number, e.g. {{"my-model": 2.31}}, '
-            f"got {value!r}.",
-            field=field,
-        )
-    return {
-        str(name): finite_number(item, field, subject=f"{field}[{name!r}]")
-        for name, item in value.items()
-    }
-
-
-def _auto_stop(value: object) -> training_pb2.AutoStopInfo:
-    field = "auto_stop_info"
-    if not isinstance(value, Mapping):
-        raise InvalidInput(
-            f"{field} must be an object with {', '.join(AUTO_STOP_FIELDS)}, got {value!r}.",
-            field=field,
-        )
-    value = _snake_cased(value, AUTO_STOP_FIELDS)
-    unknown = [key for key in value if key not in AUTO_STOP_FIELDS]
-    if unknown:
-        raise InvalidInput(
-            f"Unknown key {unknown[0]!r} in {field}; allowed: {', '.join(AUTO_STOP_FIELDS)}.",
-            field=field,
-        )
-    info = training_pb2.AutoStopInfo()
-    for key, item in value.items():
-        if item is None:
-            continue
-        subject = f"{field}.{key}"
-        if key in ("threshold", "current_change"):
-            setattr(info, key, finite_number(item, field, subject=subject))
-        elif key == "triggered":
-            info.triggered = flag(item, subject)
-        else:
-            setattr(info, key, whole_number(item, subject, 0, _INT64_MAX))
-    return info
+_REQUIRED = {
+    "epoch": "epoch is required: the number of the epoch reported.",
+    "val_losses": 'val_losses is required: each model\'s validation loss, e.g. {"my-model": 2.31}.',
+}
 
 
 def _snake_case(name: str) -> str:
@@ -99,35 +66,57 @@ def _snake_cased(body: Mapping[Any, Any], allowed: tuple[str, ...]) -> dict[Any,
     return fields
 
 
+def _typed(body: object, message: Message, where: str = "") -> Message:
+    """Fills `message` from `body`, an object of its fields (snake_case or camelCase), each
+    value checked against its field's proto type; InvalidInput naming the field (a nested
+    value by the field it is in). Limits are `check_report`'s."""
+    descriptor: Any = message.DESCRIPTOR
+    names = tuple(f.name for f in descriptor.fields if f.name != "run_id")
+    if not isinstance(body, Mapping):
+        raise InvalidInput(
+            f"{where} must be an object with {', '.join(names)}, got {body!r}.", field=where
+        )
+    for key, value in _snake_cased(body, names).items():
+        if key not in names:
+            raise InvalidInput(
+                f"Unknown key {key!r} in {where}; allowed: {', '.join(names)}."
+                if where
+                else f"Unknown field {key!r}; allowed fields: {', '.join(names)}.",
+                field=where or str(key),
+            )
+        field, subject = descriptor.fields_by_name[key], f"{where}.{key}" if where else key
+        if value is None:
+            continue
+        if is_map(field):
+            if not isinstance(value, Mapping):
+                raise InvalidInput(
+                    f'{key} must be an object of model name -> number, e.g. {{"my-model": 2.31}}, '
+                    f"got {value!r}.",
+                    field=key,
+                )
+            numbers = {
+                str(n): finite_number(v, key, subject=f"{key}[{n!r}]") for n, v in value.items()
+            }
+            getattr(message, key).update(numbers)
+        elif field.type == FieldDescriptor.TYPE_MESSAGE:
+            _typed(value, getattr(message, key), key)
+        elif field.type == FieldDescriptor.TYPE_BOOL:
+            setattr(message, key, flag(value, subject))
+        elif field.type == FieldDescriptor.TYPE_DOUBLE:
+            setattr(message, key, finite_number(value, where or key, subject=subject))
+        else:
+            setattr(message, key, whole_number(value, subject, 0 if where else 1, _INT64_MAX))
+    return message
+
+
 def report_request(run_id: str, body: Mapping[str, Any]) -> metrics_pb2.ReportMetricsRequest:
     """The ReportMetricsRequest of a report body (snake_case or camelCase fields);
     InvalidInput naming the field if not."""
-    body = _snake_cased(body, REPORT_FIELDS)
-    for key in body:
-        if key not in REPORT_FIELDS:
-            raise InvalidInput(
-                f"Unknown field {key!r}; allowed fields: {', '.join(REPORT_FIELDS)}.",
-                field=str(key),
-            )
-    if body.get("epoch") is None:
-        raise InvalidInput("epoch is required: the number of the epoch reported.", field="epoch")
-    if body.get("val_losses") is None:
-        raise InvalidInput(
-            'val_losses is required: each model\'s validation loss, e.g. {"my-model": 2.31}.',
-            field="val_losses",
-        )
-    request = metrics_pb2.ReportMetricsRequest(
-        run_id=run_id, epoch=whole_number(body["epoch"], "epoch", 1, _INT64_MAX)
-    )
-    for key in ("val_losses", "train_losses", "weights", "lr_multipliers"):
-        if body.get(key) is not None:
-            getattr(request, key).update(_losses(body[key], key))
-    if body.get("total_epochs") is not None:
-        request.total_epochs = whole_number(body["total_epochs"], "total_epochs", 1, _INT64_MAX)
-    for key in ("total_loss", "progress_percent"):
-        if body.get(key) is not None:
-            setattr(request, key, finite_number(body[key], key))
-    if body.get("auto_stop_info") is not None:
-        request.auto_stop_info.CopyFrom(_auto_stop(body["auto_stop_info"]))
+    given = _snake_cased(body, REPORT_FIELDS)
+    for key, message in _REQUIRED.items():
+        if given.get(key) is None:
+            raise InvalidInput(message, field=key)
+    request = metrics_pb2.ReportMetricsRequest(run_id=run_id)
+    _typed(body, request)
     check_report(request)
     return request

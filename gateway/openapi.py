@@ -21,6 +21,7 @@ from gateway.errors import ERROR_CODES
 from gateway.forms import AUTO_STOP_FIELDS, REPORT_FIELDS
 from gateway.routes import ROUTES, Answer, Route
 from services.api import metrics_pb2, training_pb2
+from services.api.codec import INTEGER_TYPES, NUMBER_TYPES, is_map
 from services.api.reports import MAX_EPOCHS, MAX_REPORTED_MODELS
 from services.api.run_config import START_OPTIONS, public_config
 from services.core.layout import ARTIFACTS
@@ -29,17 +30,6 @@ from services.core.training_config import TRAINING_CONFIG
 TIMESTAMP_PATTERN = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$"
 RUN_ID_PATTERN = TRAINING_CONFIG["metadata"]["run_id_pattern"]
 _TIMESTAMP = "google.protobuf.Timestamp"
-_INTEGERS = {
-    FieldDescriptor.TYPE_INT64,
-    FieldDescriptor.TYPE_INT32,
-    FieldDescriptor.TYPE_UINT64,
-    FieldDescriptor.TYPE_UINT32,
-    FieldDescriptor.TYPE_SINT64,
-    FieldDescriptor.TYPE_SINT32,
-    FieldDescriptor.TYPE_FIXED64,
-    FieldDescriptor.TYPE_FIXED32,
-}
-_NUMBERS = {FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT}
 EVENT_KINDS = tuple(
     f.name for f in training_pb2.TrainingEvent.DESCRIPTOR.oneofs_by_name["payload"].fields
 )
@@ -98,7 +88,7 @@ class Schemas:
         return _obj(**properties)
 
     def field(self, field: Any) -> dict[str, Any]:
-        if field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type.GetOptions().map_entry:
+        if is_map(field):
             value = field.message_type.fields_by_name["value"]
             return {"type": "object", "additionalProperties": self.scalar(value)}
         if field.is_repeated:
@@ -119,9 +109,9 @@ class Schemas:
                 v.name.removeprefix(prefix).lower() for v in field.enum_type.values if v.number
             ]
             return {"type": ["string", "null"], "enum": [*names, None]}
-        if field.type in _INTEGERS:
+        if field.type in INTEGER_TYPES:
             return {"type": "integer"}
-        if field.type in _NUMBERS:
+        if field.type in NUMBER_TYPES:
             return {"type": "number"}
         if field.type == FieldDescriptor.TYPE_BOOL:
             return {"type": "boolean"}

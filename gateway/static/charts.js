@@ -1,6 +1,8 @@
 // Line charts in plain SVG: one line per model over epochs, axes with round ticks, a legend
 // with each model's latest value. Redrawn whole on each update (a few dozen points at most).
 
+import { element } from "./dom.js";
+
 const SVG = "http://www.w3.org/2000/svg";
 
 export const PALETTE = [
@@ -21,10 +23,10 @@ export function colorFor(index) {
 }
 
 function svg(name, attributes = {}, parent = null) {
-  const element = document.createElementNS(SVG, name);
-  for (const [key, value] of Object.entries(attributes)) element.setAttribute(key, String(value));
-  if (parent) parent.appendChild(element);
-  return element;
+  const node = document.createElementNS(SVG, name);
+  for (const [key, value] of Object.entries(attributes)) node.setAttribute(key, String(value));
+  if (parent) parent.appendChild(node);
+  return node;
 }
 
 /** Round tick values covering [low, high]: steps of 1, 2 or 5 times a power of ten. */
@@ -250,19 +252,15 @@ export class LineChart {
     if (!this.legend) return;
     const yFormat = this.options.yFormat ?? String;
     const items = this.series.map((series, index) => {
-      const item = document.createElement("li");
-      item.className = "legend-item";
-      const swatch = document.createElement("span");
-      swatch.className = "legend-swatch";
+      const swatch = element("span", "legend-swatch");
       swatch.style.setProperty("--series-color", series.color ?? colorFor(index));
-      const name = document.createElement("span");
-      name.className = "legend-name";
-      name.textContent = series.name;
-      const value = document.createElement("span");
-      value.className = "legend-value";
       const last = series.points[series.points.length - 1];
-      value.textContent = last ? yFormat(last.y) : "—";
-      item.append(swatch, name, value);
+      const item = element("li", "legend-item");
+      item.append(
+        swatch,
+        element("span", "legend-name", series.name),
+        element("span", "legend-value", last ? yFormat(last.y) : "—"),
+      );
       return item;
     });
     this.legend.replaceChildren(...items);

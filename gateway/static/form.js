@@ -2,6 +2,7 @@
 // limits, default: none are written here), the body goes out camelCase, and the server's
 // {"message", "field"} is shown beside that field.
 
+import { element } from "./dom.js";
 import { formatCount } from "./format.js";
 import { validateBaseModels } from "./trainingConfig.js";
 
@@ -24,13 +25,6 @@ export function limitHint(schema) {
   if (low !== undefined) parts.push(`${lowStrict ? ">" : "≥"} ${low}`);
   if (shownHigh !== undefined) parts.push(`${highStrict ? "<" : "≤"} ${shownHigh}`);
   return parts.join(", ");
-}
-
-function element(tag, className, text) {
-  const node = document.createElement(tag);
-  if (className) node.className = className;
-  if (text !== undefined) node.textContent = text;
-  return node;
 }
 
 /** One option's field: label, control, limit hint and error line, ids as the errors name them. */
@@ -129,15 +123,17 @@ export class TrainingForm {
   setCatalog({ models, datasets }) {
     const chosenDataset = this.dataset.value;
     const options = datasets.map((dataset) => {
-      const option = document.createElement("option");
-      option.value = dataset.id;
       const records = typeof dataset.records === "number" ? ` (${dataset.records} records)` : "";
-      option.textContent = `${dataset.id}${records}`;
+      const option = element("option", "", `${dataset.id}${records}`);
+      option.value = dataset.id;
       return option;
     });
-    const placeholder = document.createElement("option");
+    const placeholder = element(
+      "option",
+      "",
+      datasets.length ? "Choose a dataset…" : "No dataset in DATASETS_DIR",
+    );
     placeholder.value = "";
-    placeholder.textContent = datasets.length ? "Choose a dataset…" : "No dataset in DATASETS_DIR";
     this.dataset.replaceChildren(placeholder, ...options);
     if (datasets.some((d) => d.id === chosenDataset)) this.dataset.value = chosenDataset;
     else if (datasets.length === 1) this.dataset.value = datasets[0].id;
@@ -145,20 +141,15 @@ export class TrainingForm {
 
     const chosen = new Set(this.selectedModels());
     const items = models.map((model) => {
-      const label = document.createElement("label");
-      label.className = "model-option";
-      const box = document.createElement("input");
+      const label = element("label", "model-option");
+      const box = element("input");
       box.type = "checkbox";
       box.name = "baseModels";
       box.value = model.name;
       box.checked = chosen.has(model.name);
-      const text = document.createElement("span");
-      text.className = "model-option-text";
-      const name = document.createElement("span");
-      name.className = "model-option-name";
-      name.textContent = model.name;
-      const meta = document.createElement("span");
-      meta.className = "model-option-meta";
+      const text = element("span", "model-option-text");
+      const name = element("span", "model-option-name", model.name);
+      const meta = element("span", "model-option-meta");
       const parts = [model.architecture || model.model_type || "unknown architecture"];
       if (typeof model.parameter_count === "number" && model.parameter_count > 0) {
         parts.push(`${formatCount(model.parameter_count)} params`);
@@ -169,11 +160,8 @@ export class TrainingForm {
       return label;
     });
     if (!items.length) {
-      const empty = document.createElement("p");
-      empty.className = "empty";
-      empty.textContent =
-        "No base model in MODELS_DIR. Run `oneseek demo-assets` to create tiny ones.";
-      items.push(empty);
+      const hint = "No base model in MODELS_DIR. Run `oneseek demo-assets` to create tiny ones.";
+      items.push(element("p", "empty", hint));
     }
     this.modelsList.replaceChildren(...items);
     this.syncModels();
@@ -182,13 +170,9 @@ export class TrainingForm {
 
   /** Before a token is known (or when it was refused): say what is missing. */
   showLocked(message) {
-    const note = document.createElement("p");
-    note.className = "empty";
-    note.textContent = message;
-    this.modelsList.replaceChildren(note);
-    const placeholder = document.createElement("option");
+    this.modelsList.replaceChildren(element("p", "empty", message));
+    const placeholder = element("option", "", "Enter the admin token first");
     placeholder.value = "";
-    placeholder.textContent = "Enter the admin token first";
     this.dataset.replaceChildren(placeholder);
     this.dataset.disabled = true;
     this.syncModels();

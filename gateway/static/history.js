@@ -2,35 +2,29 @@
 // JSON files. Choosing a run shows it in the leaderboard.
 
 import { ARTIFACTS, artifactUrl } from "./api.js";
+import { element } from "./dom.js";
 import { DASH, formatDateTime, formatRelative, statusLabel } from "./format.js";
 
 function cell(label, className = "") {
-  const td = document.createElement("td");
+  const td = element("td", className);
   td.dataset.label = label;
-  if (className) td.className = className;
   return td;
 }
 
 export function statusBadge(status) {
-  const badge = document.createElement("span");
-  badge.className = `status-badge status-${status || "unknown"}`;
-  badge.textContent = statusLabel(status);
-  return badge;
+  return element("span", `status-badge status-${status || "unknown"}`, statusLabel(status));
 }
 
 export function artifactLinks(runId, className = "artifact-links") {
-  const list = document.createElement("ul");
-  list.className = className;
+  const list = element("ul", className);
   list.setAttribute("aria-label", `Files of ${runId}`);
   for (const artifact of ARTIFACTS) {
-    const item = document.createElement("li");
-    const link = document.createElement("a");
+    const link = element("a", "artifact-link", artifact.label);
     link.href = artifactUrl(runId, artifact.name);
-    link.className = "artifact-link";
     link.dataset.runId = runId;
     link.dataset.artifact = artifact.name;
-    link.textContent = artifact.label;
     link.title = artifact.name;
+    const item = element("li");
     item.append(link);
     list.append(item);
   }
@@ -38,14 +32,9 @@ export function artifactLinks(runId, className = "artifact-links") {
 }
 
 export function dnaCode(dna) {
-  const code = document.createElement("code");
-  code.className = "dna";
-  if (!dna) {
-    code.textContent = DASH;
-    return code;
-  }
-  code.textContent = dna.length > 22 ? `${dna.slice(0, 20)}…` : dna;
-  code.title = dna;
+  const shown = dna && dna.length > 22 ? `${dna.slice(0, 20)}…` : dna || DASH;
+  const code = element("code", "dna", shown);
+  if (dna) code.title = dna;
   return code;
 }
 
@@ -55,7 +44,7 @@ export function dnaCode(dna) {
  */
 export function renderHistory(tbody, runs, { selectedRunId, onSelect, limit = Infinity }) {
   const rows = runs.slice(0, limit).map((run) => {
-    const tr = document.createElement("tr");
+    const tr = element("tr");
     tr.dataset.runId = run.run_id;
     if (run.run_id === selectedRunId) {
       tr.classList.add("is-selected");
@@ -63,25 +52,20 @@ export function renderHistory(tbody, runs, { selectedRunId, onSelect, limit = In
     }
 
     const name = cell("Run", "run-cell");
-    const button = document.createElement("button");
+    const button = element("button", "run-link", run.run_id);
     button.type = "button";
-    button.className = "run-link";
-    button.textContent = run.run_id;
     button.setAttribute("aria-label", `Show ${run.run_id} in the leaderboard`);
     button.addEventListener("click", () => onSelect(run.run_id));
-    const when = document.createElement("span");
-    when.className = "run-when";
     const started = run.started_at || run.updated_at;
-    when.textContent = `${formatRelative(started)} · ${run.dataset_id || DASH}`;
+    const place = `${formatRelative(started)} · ${run.dataset_id || DASH}`;
+    const when = element("span", "run-when", place);
     when.title = formatDateTime(started);
     name.append(button, when);
 
     const status = cell("Status");
     status.append(statusBadge(run.status));
-    const epochs = document.createElement("span");
-    epochs.className = "run-epochs num";
-    epochs.textContent = `${run.current_epoch ?? 0}/${run.total_epochs ?? DASH} epochs`;
-    status.append(epochs);
+    const epochs = `${run.current_epoch ?? 0}/${run.total_epochs ?? DASH} epochs`;
+    status.append(element("span", "run-epochs num", epochs));
 
     const models = cell("Models", "models-cell");
     models.textContent = (run.base_models ?? []).join(", ") || DASH;

@@ -1,16 +1,10 @@
 // The leaderboard rows: one per model, kept as the same DOM nodes across updates so that a
 // change of rank can slide (FLIP: measure, reorder, play the difference back to zero).
 
+import { element } from "./dom.js";
 import { formatCount, formatLoss, formatLr, formatWeight, isNumber } from "./format.js";
 
 const reducedMotion = window.matchMedia("(prefers-reduced-motion: reduce)");
-
-function element(tag, className, text) {
-  const node = document.createElement(tag);
-  if (className) node.className = className;
-  if (text !== undefined) node.textContent = text;
-  return node;
-}
 
 function labelled(className, label) {
   const cell = element("span", `board-cell ${className}`);

@@ -92,7 +92,23 @@ def _value_to_json(field: Any, value: Any) -> Any:
     return value
 
 
-def _is_map(field: Any) -> bool:
+INTEGER_TYPES = frozenset(
+    {
+        FieldDescriptor.TYPE_INT64,
+        FieldDescriptor.TYPE_INT32,
+        FieldDescriptor.TYPE_UINT64,
+        FieldDescriptor.TYPE_UINT32,
+        FieldDescriptor.TYPE_SINT64,
+        FieldDescriptor.TYPE_SINT32,
+        FieldDescriptor.TYPE_FIXED64,
+        FieldDescriptor.TYPE_FIXED32,
+    }
+)
+"""The JSON numbers without a fraction."""
+NUMBER_TYPES = frozenset({FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT})
+
+
+def is_map(field: Any) -> bool:
     return bool(
         field.type == FieldDescriptor.TYPE_MESSAGE
         and field.is_repeated
@@ -108,7 +124,7 @@ def message_to_dict(message: Message) -> dict[str, Any]:
         if field.containing_oneof is not None and not field.containing_oneof.name.startswith("_"):
             continue  # a real oneof (the event payload) is flattened by the caller
         value = getattr(message, field.name)
-        if _is_map(field):
+        if is_map(field):
             value_field = field.message_type.fields_by_name["value"]
             out[field.name] = {k: _value_to_json(value_field, v) for k, v in value.items()}
         elif field.is_repeated:
@@ -137,7 +153,7 @@ def dict_to_message(data: Mapping[str, Any], message: Message) -> Message:
             raise ValueError(f"unknown field {name!r} for {descriptor.name}")
         if value is None:
             continue
-        if _is_map(field):
+        if is_map(field):
             container = getattr(message, name)
             value_field = field.message_type.fields_by_name["value"]
             for key, item in value.items():

@@ -21,7 +21,14 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from services.api import training_pb2
-from services.api.codec import dict_to_message, enum_from_str, enum_to_str, message_to_dict
+from services.api.codec import (
+    INTEGER_TYPES,
+    NUMBER_TYPES,
+    dict_to_message,
+    enum_from_str,
+    enum_to_str,
+    message_to_dict,
+)
 from services.core.adaptive_weights import AdaptiveWeightsConfig
 from services.core.auto_stop import AutoStopConfig
 from services.core.checks import finite_number, flag, whole_number
@@ -40,15 +47,6 @@ RunConfig = training_pb2.RunConfig
 _REQUEST: Any = training_pb2.StartRunRequest.DESCRIPTOR
 _LIMITS = TRAINING_CONFIG["limits"]
 _INT32_MAX = 2**31 - 1
-_INTEGERS = frozenset(
-    {
-        FieldDescriptor.TYPE_INT64,
-        FieldDescriptor.TYPE_INT32,
-        FieldDescriptor.TYPE_UINT64,
-        FieldDescriptor.TYPE_UINT32,
-    }
-)
-_NUMBERS = frozenset({FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT})
 
 
 @dataclass(frozen=True)
@@ -103,9 +101,9 @@ class StartOption:
             return "array"
         if descriptor.type == FieldDescriptor.TYPE_ENUM:
             return "enum"
-        if descriptor.type in _INTEGERS:
+        if descriptor.type in INTEGER_TYPES:
             return "integer"
-        if descriptor.type in _NUMBERS:
+        if descriptor.type in NUMBER_TYPES:
             return "number"
         if descriptor.type == FieldDescriptor.TYPE_BOOL:
             return "boolean"
@@ -400,7 +398,7 @@ def _assign(message: Message, path: str, value: Any) -> None:
         getattr(message, name).extend(value)
     elif descriptor.type == FieldDescriptor.TYPE_ENUM:
         setattr(message, name, enum_from_str(descriptor.enum_type, value))
-    elif descriptor.type in _NUMBERS:
+    elif descriptor.type in NUMBER_TYPES:
         setattr(message, name, float(value))
     else:
         setattr(message, name, value)
