@@ -71,7 +71,10 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
                 flag, dest=option.camel, help=help, action=argparse.BooleanOptionalAction
             )
         else:
-            default = "" if option.required else f" (default {option.default_value()})"
+            shown = [option.hint] if option.hint else []
+            if not option.required:
+                shown.append(f"default {option.default_value()}")
+            default = f" ({'; '.join(shown)})" if shown else ""
             parser.add_argument(
                 flag,
                 dest=option.camel,

@@ -8,25 +8,6 @@ import { validateBaseModels } from "./trainingConfig.js";
 
 /** Options the page draws itself (the dataset select, the model picker), not from the list. */
 const OWN_FIELDS = ["datasetId", "baseModels"];
-/** A bound beyond this is a guard against absurd input, not a limit worth a hint. */
-const HINTED_BOUND = 1e6;
-
-/** What the limits allow, in a few characters: "1–100", "> 0", "≥ 1", "≥ 0, < 1". */
-export function limitHint(schema) {
-  const low = schema.minimum ?? schema.exclusiveMinimum;
-  const high = schema.maximum ?? schema.exclusiveMaximum;
-  const shownHigh = high !== undefined && high <= HINTED_BOUND ? high : undefined;
-  const lowStrict = schema.exclusiveMinimum !== undefined;
-  const highStrict = schema.exclusiveMaximum !== undefined;
-  if (low !== undefined && shownHigh !== undefined && !lowStrict && !highStrict) {
-    return `${low}–${shownHigh}`;
-  }
-  const parts = [];
-  if (low !== undefined) parts.push(`${lowStrict ? ">" : "≥"} ${low}`);
-  if (shownHigh !== undefined) parts.push(`${highStrict ? "<" : "≤"} ${shownHigh}`);
-  return parts.join(", ");
-}
-
 /** One option's field: label, control, limit hint and error line, ids as the errors name them. */
 function drawField(option) {
   const { name, schema } = option;
@@ -64,7 +45,7 @@ function drawField(option) {
     else control.value = String(option.default);
     if (control.type === "number") control.placeholder = String(option.default);
   }
-  const hint = element("span", "hint", control.type === "number" ? limitHint(schema) : "");
+  const hint = element("span", "hint", option.hint);
   hint.id = `${name}-hint`;
   const error = element("p", "field-error");
   error.id = `${name}-error`;

@@ -150,6 +150,20 @@ class StartOption:
         allowed = ", ".join(self.values)
         raise InvalidInput(f"{name} must be one of {allowed}, got {value!r}.", field=name)
 
+    @property
+    def hint(self) -> str:
+        """What the limits allow, in a few characters: "1–100", "> 0", "≥ 0, < 1". A bound
+        beyond a million guards against absurd input; it is not shown."""
+        low, high = self.low, self.high if (self.high or 0) <= 1e6 else None
+        if self.kind not in ("integer", "number"):
+            return ""
+        if low is not None and high is not None and self.low_inclusive and self.high_inclusive:
+            return f"{low:g}–{high:g}"
+        parts = [] if low is None else [f"{'≥' if self.low_inclusive else '>'} {low:g}"]
+        if high is not None:
+            parts.append(f"{'≤' if self.high_inclusive else '<'} {high:g}")
+        return ", ".join(parts)
+
     def default_value(self, config: Mapping[str, Any] = TRAINING_CONFIG) -> Any:
         node: Any = config
         for key in self.default:
@@ -186,6 +200,7 @@ class StartOption:
             "help": self.help,
             "group": self.group,
             "required": self.required,
+            "hint": self.hint,
             "default": None if self.required else self.default_value(config),
             "schema": self.schema(),
             "choices": [

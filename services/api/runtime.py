@@ -17,15 +17,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import hmac
+import inspect
 import logging
 import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
 
 import grpc
 from grpc import aio
@@ -207,6 +209,33 @@ def status_code(error: OneSeekError) -> grpc.StatusCode:
 async def abort_with(context: aio.ServicerContext[Any, Any], error: OneSeekError) -> NoReturn:
     """Ends the call with the error's own status, message and field."""
     await abort(context, status_code(error), error.message, error.field)
+
+
+Context = aio.ServicerContext[Any, Any]
+Method = TypeVar("Method", bound=Callable[..., Any])
+
+
+def rpc(method: Method) -> Method:
+    """A servicer method, unary or server-streaming, whose OneSeekError (even mid-stream) ends
+    the call with the error's own status, message and field."""
+    if inspect.isasyncgenfunction(method):
+
+        async def stream(self: Any, request: Any, context: Context) -> AsyncIterator[Any]:
+            try:
+                async for item in method(self, request, context):
+                    yield item
+            except OneSeekError as error:
+                await abort_with(context, error)
+
+        return cast(Method, functools.wraps(method)(stream))
+
+    async def unary(self: Any, request: Any, context: Context) -> Any:
+        try:
+            return await method(self, request, context)
+        except OneSeekError as error:
+            await abort_with(context, error)
+
+    return cast(Method, functools.wraps(method)(unary))
 
 
 def bearer(token: str | None) -> tuple[tuple[str, str], ...]:

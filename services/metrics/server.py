@@ -23,6 +23,7 @@ from services.api.codec import now_timestamp, run_status_name
 from services.api.run_state import RunState
 from services.api.runtime import (
     SERVER_OPTIONS,
+    Context,
     ServerTls,
     TokenAuthInterceptor,
     abort,
@@ -33,12 +34,13 @@ from services.api.runtime import (
     configure_logging,
     metrics_addr,
     report_token,
+    rpc,
     server_tls,
     status_code,
     stop_signals,
     training_addr,
 )
-from services.core.errors import InvalidInput, OneSeekError
+from services.core.errors import InvalidInput, NotFound, OneSeekError, TooSlow
 from services.core.training_config import validate_run_id
 from services.metrics.catalog import PAGE_SIZE, RunCatalog
 from services.metrics.fanout import DEFAULT_QUEUE_SIZE, EventFanout, SubscriberTooSlow
@@ -52,7 +54,6 @@ REPORT_METHOD = f"/{SERVICE_NAME}/ReportMetrics"
 REPORT_BATCH_METHOD = f"/{SERVICE_NAME}/ReportMetricsBatch"
 MAX_BATCH = 1024
 SHUTDOWN_GRACE_SECONDS = 5.0
-Context = aio.ServicerContext[Any, Any]
 
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
@@ -64,50 +65,42 @@ class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
     def __init__(self, catalog: RunCatalog) -> None:
         self.catalog = catalog
 
-    async def _run_state(self, run_id: str, context: Context) -> RunState:
-        try:
-            validate_run_id(run_id)
-        except InvalidInput as error:
-            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, error.message, error.field)
-        state = await self.catalog.state(run_id)
+    async def _run_state(self, run_id: str) -> RunState:
+        state = await self.catalog.state(validate_run_id(run_id))
         if state is None:
-            await abort(
-                context,
-                grpc.StatusCode.NOT_FOUND,
+            raise NotFound(
                 f"Run {run_id!r} is not known to the metrics service; list runs with "
                 "ListRuns (GET /api/training/runs).",
-                "runId",
+                field="runId",
             )
         return state
 
+    @rpc
     async def GetMetrics(
         self, request: metrics_pb2.GetMetricsRequest, context: Context
     ) -> training_pb2.RunMetrics:
-        return (await self._run_state(request.run_id, context)).metrics()
+        return (await self._run_state(request.run_id)).metrics()
 
+    @rpc
     async def GetLeaderboard(
         self, request: metrics_pb2.GetLeaderboardRequest, context: Context
     ) -> metrics_pb2.Leaderboard:
-        return (await self._run_state(request.run_id, context)).leaderboard()
+        return (await self._run_state(request.run_id)).leaderboard()
 
+    @rpc
     async def ListRuns(
         self, request: metrics_pb2.ListRunsRequest, context: Context
     ) -> metrics_pb2.ListRunsResponse:
         if request.limit < 0:
-            await abort(
-                context,
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"limit must be 0 (all runs) or more, got {request.limit}.",
-                "limit",
+            raise InvalidInput(
+                f"limit must be 0 (all runs) or more, got {request.limit}.", field="limit"
             )
         status = run_status_name(request.status) if request.status else None
         if request.status and status is None:
-            await abort(
-                context,
-                grpc.StatusCode.INVALID_ARGUMENT,
+            raise InvalidInput(
                 f"status {request.status} is not a RunStatus; use RUN_STATUS_UNSPECIFIED (0) "
                 "for all runs.",
-                "status",
+                field="status",
             )
         records = await self.catalog.list_runs(status, request.limit)
         return metrics_pb2.ListRunsResponse(runs=[record.summary() for record in records])
@@ -121,15 +114,14 @@ class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
             await abort(context, code, result.message, result.field or None)
         return metrics_pb2.ReportMetricsResponse(success=True, seq=result.seq)
 
+    @rpc
     async def ReportMetricsBatch(
         self, request: metrics_pb2.ReportMetricsBatchRequest, context: Context
     ) -> metrics_pb2.ReportMetricsBatchResponse:
         if len(request.reports) > MAX_BATCH:
-            await abort(
-                context,
-                grpc.StatusCode.INVALID_ARGUMENT,
+            raise InvalidInput(
                 f"A batch holds at most {MAX_BATCH} reports, got {len(request.reports)}.",
-                "reports",
+                field="reports",
             )
         # started in order: reports of one run take its lock first come, first served
         results = await asyncio.gather(*(self._report(report) for report in request.reports))
@@ -150,18 +142,17 @@ class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
             )
         return metrics_pb2.ReportResult(seq=seq)
 
+    @rpc
     async def Subscribe(
         self, request: metrics_pb2.SubscribeRequest, context: Context
     ) -> AsyncIterator[training_pb2.TrainingEvent]:
         run_id, last = request.run_id, request.after_seq
         if last < 0:
-            await abort(
-                context,
-                grpc.StatusCode.INVALID_ARGUMENT,
+            raise InvalidInput(
                 f"after_seq must be 0 (from the start) or the last seq received, got {last}.",
-                "after_seq",
+                field="after_seq",
             )
-        state = await self._run_state(run_id, context)
+        state = await self._run_state(run_id)
         # registered before anything is read, and the snapshot taken with no await in between:
         # every event after the snapshot's seq is either in the store or in the queue
         with self.catalog.fanout.subscribe(run_id) as live:
@@ -179,11 +170,10 @@ class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
                         yield update
                         last = update.seq
             except SubscriberTooSlow:
-                await context.abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                raise TooSlow(
                     f"Client too slow: more than {self.catalog.fanout.queue_size} events were "
                     f"waiting. Reconnect with after_seq={last} (the last seq received).",
-                )
+                ) from None
 
 
 class MetricsServer:

@@ -10,9 +10,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, TypeVar
 
 from grpc import aio
 
@@ -20,18 +19,18 @@ from services.api import training_pb2, training_pb2_grpc
 from services.api.run_config import read_request
 from services.api.runtime import (
     SERVER_OPTIONS,
+    Context,
     ServerTls,
     TokenAuthInterceptor,
-    abort_with,
     add_health_and_reflection,
     add_listening_port,
     admin_token,
     configure_logging,
+    rpc,
     server_tls,
     stop_signals,
     training_addr,
 )
-from services.core.errors import OneSeekError
 from services.core.layout import datasets_dir, models_dir, state_dir
 from services.training.data import list_datasets
 from services.training.models import discover_models
@@ -41,70 +40,59 @@ log = logging.getLogger("oneseek.training.server")
 
 SERVICE_NAME = training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name
 _MUTATING = ("StartRun", "StopRun", "ResumeRun")
-T = TypeVar("T")
-
-
-async def _answer(context: aio.ServicerContext[Any, Any], call: Callable[[], Awaitable[T]]) -> T:
-    try:
-        return await call()
-    except OneSeekError as error:
-        await abort_with(context, error)
 
 
 class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
     def __init__(self, service: TrainingService) -> None:
         self.service = service
 
+    @rpc
     async def StartRun(
-        self, request: training_pb2.StartRunRequest, context: aio.ServicerContext[Any, Any]
+        self, request: training_pb2.StartRunRequest, context: Context
     ) -> training_pb2.StartRunResponse:
-        record = await _answer(context, lambda: self.service.start(read_request(request)))
+        record = await self.service.start(read_request(request))
         return training_pb2.StartRunResponse(run_id=record.run_id, status=record.status)  # type: ignore[arg-type]
 
+    @rpc
     async def GetRun(
-        self, request: training_pb2.GetRunRequest, context: aio.ServicerContext[Any, Any]
+        self, request: training_pb2.GetRunRequest, context: Context
     ) -> training_pb2.Run:
-        async def get() -> training_pb2.Run:
-            return self.service.get(request.run_id).to_proto()
+        return self.service.get(request.run_id).to_proto()
 
-        return await _answer(context, get)
-
+    @rpc
     async def ListRuns(
-        self, request: training_pb2.ListRunsRequest, context: aio.ServicerContext[Any, Any]
+        self, request: training_pb2.ListRunsRequest, context: Context
     ) -> training_pb2.ListRunsResponse:
-        async def runs() -> training_pb2.ListRunsResponse:
-            records = self.service.runs_newest_first(request.status, request.limit)
-            return training_pb2.ListRunsResponse(
-                runs=[r.to_proto() for r in records],
-                max_active_runs=self.service.max_active_runs,
-            )
+        records = self.service.runs_newest_first(request.status, request.limit)
+        return training_pb2.ListRunsResponse(
+            runs=[r.to_proto() for r in records], max_active_runs=self.service.max_active_runs
+        )
 
-        return await _answer(context, runs)
-
+    @rpc
     async def StopRun(
-        self, request: training_pb2.StopRunRequest, context: aio.ServicerContext[Any, Any]
+        self, request: training_pb2.StopRunRequest, context: Context
     ) -> training_pb2.StopRunResponse:
-        record = await _answer(context, lambda: self.service.stop(request.run_id))
+        record = await self.service.stop(request.run_id)
         return training_pb2.StopRunResponse(run=record.to_proto())
 
+    @rpc
     async def ResumeRun(
-        self, request: training_pb2.ResumeRunRequest, context: aio.ServicerContext[Any, Any]
+        self, request: training_pb2.ResumeRunRequest, context: Context
     ) -> training_pb2.StartRunResponse:
-        record = await _answer(context, lambda: self.service.resume(request.run_id))
+        record = await self.service.resume(request.run_id)
         return training_pb2.StartRunResponse(run_id=record.run_id, status=record.status)  # type: ignore[arg-type]
 
+    @rpc
     async def GetArtifact(
-        self, request: training_pb2.GetArtifactRequest, context: aio.ServicerContext[Any, Any]
+        self, request: training_pb2.GetArtifactRequest, context: Context
     ) -> training_pb2.Artifact:
-        content, digest = await _answer(
-            context, lambda: self.service.artifact(request.run_id, request.name)
-        )
+        content, digest = await self.service.artifact(request.run_id, request.name)
         return training_pb2.Artifact(
             run_id=request.run_id, name=request.name, content=content, sha256=digest
         )
 
     async def ListModels(
-        self, request: training_pb2.ListModelsRequest, context: aio.ServicerContext[Any, Any]
+        self, request: training_pb2.ListModelsRequest, context: Context
     ) -> training_pb2.ListModelsResponse:
         infos = await asyncio.to_thread(discover_models, self.service.models_root)
         return training_pb2.ListModelsResponse(
@@ -112,30 +100,26 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         )
 
     async def ListDatasets(
-        self, request: training_pb2.ListDatasetsRequest, context: aio.ServicerContext[Any, Any]
+        self, request: training_pb2.ListDatasetsRequest, context: Context
     ) -> training_pb2.ListDatasetsResponse:
         infos = await asyncio.to_thread(list_datasets, self.service.datasets_root)
         return training_pb2.ListDatasetsResponse(
             datasets=[training_pb2.DatasetInfo(id=d.id, records=d.records) for d in infos]
         )
 
+    @rpc
     async def WatchRun(
-        self, request: training_pb2.WatchRunRequest, context: aio.ServicerContext[Any, Any]
+        self, request: training_pb2.WatchRunRequest, context: Context
     ) -> AsyncIterator[training_pb2.TrainingEvent]:
-        try:
-            async for event in self.service.watch(request.run_id, request.after_seq):
-                yield event
-        except OneSeekError as error:
-            await abort_with(context, error)
+        async for event in self.service.watch(request.run_id, request.after_seq):
+            yield event
 
+    @rpc
     async def StreamEvents(
-        self, request: training_pb2.StreamEventsRequest, context: aio.ServicerContext[Any, Any]
+        self, request: training_pb2.StreamEventsRequest, context: Context
     ) -> AsyncIterator[training_pb2.TrainingEvent]:
-        try:
-            async for event in self.service.stream(request.after_cursor):
-                yield event
-        except OneSeekError as error:
-            await abort_with(context, error)
+        async for event in self.service.stream(request.after_cursor):
+            yield event
 
 
 async def serve(
