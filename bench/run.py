@@ -1,4 +1,4 @@
-"""Every bench of DESIGN.md section 11 in one go: prints a table of the figures against their
+"""Every bench of bench/README.md in one go: prints a table of the figures against their
 targets and writes bench/results.json (`make bench`).
 
     .venv/bin/python bench/run.py [--quick] [--only train|live]

@@ -1,4 +1,4 @@
-"""Who may call what (DESIGN.md section 4).
+"""Who may call what (README: REST API).
 
 - admin routes: `Authorization: Bearer $ONESEEK_ADMIN_TOKEN` whenever that token is set, on any
   address. With no admin token set (possible only on loopback: the gateway refuses to start

@@ -51,7 +51,7 @@ class GatewaySettings:
     """StartRun validates the dataset and spawns a worker: it may take longer."""
     health_timeout: float = 2.0
     heartbeat_interval: float = 30.0
-    """Seconds between websocket heartbeats (DESIGN.md section 5)."""
+    """Seconds between websocket heartbeats."""
     client_queue_size: int = 1024
     """Frames a websocket client may have waiting before it is closed as too slow (1013)."""
     client_send_buffer: int = 256 * 1024

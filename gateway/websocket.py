@@ -1,5 +1,4 @@
-"""`GET /ws/training?runId=…[&since=SEQ]`: one websocket client of a run's feed (DESIGN.md
-section 5).
+"""`GET /ws/training?runId=…[&since=SEQ]`: one websocket client of a run's feed.
 
 A client that keeps up gets each frame (framed once by the feed, the same bytes for everyone)
 written straight to its socket, with no task switch: that is what makes thousands of clients

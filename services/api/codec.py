@@ -1,10 +1,10 @@
 """The documented JSON shape of every message, and back.
 
 protobuf's own JSON mapping turns 64-bit integers into strings, drops unset values and
-camel-cases names; DESIGN.md fixes a different shape: snake_case names as in the .proto,
-numbers stay numbers, an absent optional value is null, enums are lower-case strings without
-their prefix, timestamps are ISO 8601 UTC with milliseconds and `Z`. Events are flat:
-`{"type", "run_id", "seq", "timestamp", **payload}`.
+camel-cases names; the suite's documented shape (its OpenAPI document) is another: snake_case
+names as in the .proto, numbers stay numbers, an absent optional value is null, enums are
+lower-case strings without their prefix, timestamps are ISO 8601 UTC with milliseconds and
+`Z`. Events are flat: `{"type", "run_id", "seq", "timestamp", **payload}`.
 """
 
 from __future__ import annotations

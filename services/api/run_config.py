@@ -343,7 +343,8 @@ def build_config(
     message.weight_decay = finite_number(source["defaults"]["weight_decay"], "weightDecay", low=0)
     adaptive = AdaptiveWeightsConfig.from_mapping(source["adaptive_weights"])
     message.adaptive_weights.CopyFrom(training_pb2.AdaptiveWeightsConfig(**asdict(adaptive)))
-    message.auto_stop.enabled = flag(source["confidence_auto_stop"]["enabled"], "autoStop.enabled")
+    # the sections are checked whole: a typo in them never silently falls back to a default
+    message.auto_stop.enabled = AutoStopConfig.from_mapping(source["confidence_auto_stop"]).enabled
     check_config(message)
     return message
 

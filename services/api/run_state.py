@@ -207,7 +207,7 @@ class RunState:
         return self._epoch_seq[epoch], self._history[epoch]
 
     def metrics(self) -> training_pb2.RunMetrics:
-        """GET /api/training/{runId}/metrics (DESIGN.md section 4)."""
+        """GET /api/training/{runId}/metrics."""
         metrics = training_pb2.RunMetrics(
             run_id=self.run_id,
             status=self.status_value,

@@ -1,6 +1,6 @@
 """Adaptive weights: after each epoch, boost the best model's learning rate, penalise the worst.
 
-Pure functions on plain mappings (DESIGN.md section 6); the trainer applies the result.
+Pure functions on plain mappings (docs/rules.md); the trainer applies the result.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Confidence auto-stop: end a run once the population loss has stopped moving.
 
-A pure step function over an immutable state (DESIGN.md section 6); the trainer keeps the state.
+A pure step function over an immutable state (docs/rules.md); the trainer keeps the state.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The DNA fingerprint of a certified run: what was trained on what, with what result.
 
-Pure hashing over files and JSON; `oneseek_dna.json` is its on-disk form (DESIGN.md section 7).
+Pure hashing over files and JSON; `oneseek_dna.json` is its on-disk form.
 """
 
 from __future__ import annotations

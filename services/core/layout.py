@@ -1,5 +1,5 @@
 """Where the suite keeps things: its own state folder, and the names inside a run folder
-(DESIGN.md section 7). Names and paths only: nothing here touches the disk.
+(README: the certified run folder). Names and paths only: nothing here touches the disk.
 """
 
 from __future__ import annotations

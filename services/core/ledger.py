@@ -1,7 +1,7 @@
 """Ledger proofs: sign a run's DNA with Ed25519 and post the signed proof to a ledger.
 
 The proof in `ledger_proof.json` verifies offline; the ledger receipt is a convenience
-recorded next to it and never fails a run (DESIGN.md section 7).
+recorded next to it and never fails a run.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The one source of every training default, and the rules for run ids and model names.
 
-Defaults live in `TRAINING_CONFIG` (DESIGN.md section 9). What a start request may ask for is
+Defaults live in `TRAINING_CONFIG` (README: configuration). What a start request may ask for is
 described once in `services.api.run_config`, which takes its defaults and limits from here.
 """
 

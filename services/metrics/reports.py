@@ -116,7 +116,7 @@ def _epoch_end(
     end.lr_multipliers.update(request.lr_multipliers)
     if request.HasField("total_loss"):
         end.total_loss = request.total_loss
-    else:  # DESIGN.md section 6: the weights that were in force during the epoch
+    else:  # docs/rules.md: the weights that were in force during the epoch
         losses = request.val_losses
         end.total_loss = sum(state.weights.get(m, 1.0) * v for m, v in losses.items()) / len(losses)
     if request.HasField("progress_percent"):

@@ -1,8 +1,8 @@
 """Where the metrics service keeps runs, events and its follower cursor: the `MetricsStore`
 protocol, and `open_store`, which picks the implementation a database URL names.
 
-The protocol is async so that a PostgreSQL store (asyncpg, several replicas sharing one database,
-DESIGN.md section 10) can stand behind it later without touching the service.
+The protocol is async so that a PostgreSQL store (asyncpg, several replicas sharing one
+database) can stand behind it later without touching the service.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ async def open_store(db_url: str) -> MetricsStore:
         # the URL is not repeated: it may carry a password
         raise InvalidInput(
             "PostgreSQL is not available yet as a metrics store (the store protocol is ready "
-            "for it, DESIGN.md section 10); set ONESEEK_DB_URL / --db-url to "
+            "for it); set ONESEEK_DB_URL / --db-url to "
             "sqlite:///path/to/metrics.db for now.",
             field="db_url",
         )

@@ -1,7 +1,7 @@
 """The population trainer: several base models fine-tuned side by side, epoch by epoch.
 
 The Population trains its members on the same batches in the same order, validates them, and
-applies the rules between epochs (DESIGN.md section 6), speaking through events. A TrainingRun
+applies the rules between epochs (docs/rules.md), speaking through events. A TrainingRun
 takes it from its config to a certified run folder or an honest failure, writing each epoch's
 checkpoint before announcing the epoch, so no epoch a client saw end is ever trained again.
 """

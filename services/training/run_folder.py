@@ -1,4 +1,4 @@
-"""The certified run folder: `$MODELS_DIR/oneseek-certified/<runId>/` (DESIGN.md section 7).
+"""The certified run folder: `$MODELS_DIR/oneseek-certified/<runId>/`.
 
 Adapters are written as whole folders swapped in atomically; every JSON file goes through
 the atomic writer. `certify` writes the final files in the order the DNA needs them:
@@ -167,15 +167,6 @@ class RunFolder:
                 yield
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
-
-    def worker_pid(self) -> int | None:
-        """The pid of the process training the run now, or None when none is."""
-        if not self.is_being_trained():
-            return None
-        try:
-            return int((self.path / LOCK_FILE).read_text().strip())
-        except (OSError, ValueError):
-            return None
 
     def failure_verdict(self, error_seq: int) -> bool | None:
         """Whether the failure recorded for the training_error event `error_seq` is resumable;

@@ -1,4 +1,4 @@
-"""Adaptive weights: bounds, mean 1, ranking, the worked example (DESIGN.md section 6)."""
+"""Adaptive weights: bounds, mean 1, ranking, the worked example (docs/rules.md)."""
 
 from __future__ import annotations
 

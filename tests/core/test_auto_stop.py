@@ -1,4 +1,4 @@
-"""Confidence auto-stop: streaks, min_epochs, the info payload (DESIGN.md section 6)."""
+"""Confidence auto-stop: streaks, min_epochs, the info payload (docs/rules.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The defaults, run ids, names, and the start request's validation (DESIGN.md sections 4, 7, 9)."""
+"""The defaults, run ids, names, and the start request's validation."""
 
 from __future__ import annotations
 

@@ -127,7 +127,7 @@ def wait_for(gateway: GatewayProcess, path: str, done: Any, timeout: float = 180
 
 def test_every_readme_example_answers_as_shown(gateway: GatewayProcess) -> None:
     examples = readme_examples()
-    assert len(examples) >= 14  # every route of DESIGN.md section 4 but the websocket and page
+    assert len(examples) >= 14  # every REST route but the websocket and page
     variables = {"GATEWAY": gateway.url, "TOKEN": TOKEN}
     for example in examples:
         run = variables.get("RUN")

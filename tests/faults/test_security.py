@@ -225,7 +225,7 @@ def test_no_grpc_mutation_without_the_right_token(world: World) -> None:
 async def test_websocket_and_reads_need_the_token_off_loopback(world: World) -> None:
     """A gateway that listens beyond loopback (here: settings say so, the socket stays local)
     lets no one read or watch without the admin token; on loopback reads are open by design
-    (DESIGN.md section 4), and a cross-site page is refused either way."""
+    (README: REST API), and a cross-site page is refused either way."""
     suite = world.suite
     settings = GatewaySettings(
         host="192.0.2.10",

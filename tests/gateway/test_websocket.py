@@ -1,4 +1,4 @@
-"""The websocket feed (DESIGN.md section 5) against the real training and metrics services:
+"""The websocket feed against the real training and metrics services:
 close codes, initial_state first, exact `since` replay, a full run's feed equal to the training
 service's own event log and to GET …/metrics, slow clients dropped alone, heartbeats, shutdown,
 and a metrics-service restart that loses nothing."""

@@ -102,7 +102,7 @@ def four_epochs(workspace: tuple[Path, Path]) -> Run:
     )
 
 
-# ---- an independent reading of DESIGN.md section 6 ----------------------------------------
+# ---- an independent reading of docs/rules.md ----------------------------------------
 
 
 def expected_weights(prev: dict[str, float], losses: dict[str, float]) -> dict[str, float]:

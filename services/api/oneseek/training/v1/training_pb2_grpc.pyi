@@ -4,7 +4,7 @@
 isort:skip_file
 The training service: owns runs, runs each one in a worker process, and streams its events.
 
-JSON clients (the gateway, grpcurl users) see the documented shapes of DESIGN.md: field names
+JSON clients (the gateway, grpcurl users) see the documented shapes (the OpenAPI document): field names
 as written here, 64-bit integers as JSON numbers, absent `optional` values as null, enums as
 lower-case strings without their prefix (RUN_STATUS_AUTO_STOPPED -> "auto_stopped").
 """
