@@ -23,9 +23,8 @@ from gateway.routes import ROUTES, Answer, Route
 from services.api import metrics_pb2, training_pb2
 from services.api.codec import INTEGER_TYPES, NUMBER_TYPES, is_map
 from services.api.reports import MAX_EPOCHS, MAX_REPORTED_MODELS
-from services.api.run_config import START_OPTIONS, public_config
 from services.core.layout import ARTIFACTS
-from services.core.training_config import TRAINING_CONFIG
+from services.core.training_config import START_OPTIONS, TRAINING_CONFIG, public_config
 
 TIMESTAMP_PATTERN = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$"
 RUN_ID_PATTERN = TRAINING_CONFIG["metadata"]["run_id_pattern"]

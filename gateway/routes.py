@@ -25,9 +25,8 @@ from gateway.upstream import Upstream
 from gateway.websocket import training_feed
 from services.api import metrics_pb2, training_pb2
 from services.api.codec import message_to_dict, run_status_name
-from services.api.run_config import public_config
 from services.core.layout import ARTIFACTS
-from services.core.training_config import validate_run_id
+from services.core.training_config import public_config, validate_run_id
 
 log = logging.getLogger("oneseek.gateway")
 _GRPC_CODES = {code.value[0]: code for code in grpc.StatusCode}

@@ -46,18 +46,18 @@ _TYPES: dict[str, type] = {"integer": int, "number": float, "enum": str, "string
 
 def _start_flags() -> dict[str, str]:
     """camelCase start field -> its flag."""
-    from services.api.run_config import START_OPTIONS
+    from services.core.training_config import START_OPTIONS
 
     return {option.camel: option.cli_flag for option in START_OPTIONS}
 
 
 def _add_train_flags(parser: argparse.ArgumentParser) -> None:
-    from services.api.run_config import START_OPTIONS
+    from services.core.training_config import START_OPTIONS
 
     for option in START_OPTIONS:
         flag, help = option.cli_flag, option.help
         # an enum's choices are shown, not enforced here: the option's own check names them
-        shown = option.values if option.kind == "enum" else None
+        shown = list(option.choices) if option.kind == "enum" else None
         metavar = "{" + ",".join(shown) + "}" if shown else flag[2:].replace("-", "_").upper()
         if option.kind == "array":  # a comma list; BASE_MODELS serves a worker started by hand
             parser.add_argument(

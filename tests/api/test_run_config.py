@@ -8,10 +8,12 @@ import math
 from typing import Any
 
 import pytest
+from google.protobuf.descriptor import FieldDescriptor
 from hypothesis import given
 from hypothesis import strategies as st
 
 from services.api import training_pb2
+from services.api.codec import enum_to_str
 from services.api.run_config import (
     adaptive_weights,
     auto_stop,
@@ -22,7 +24,7 @@ from services.api.run_config import (
 from services.core.adaptive_weights import AdaptiveWeightsConfig
 from services.core.auto_stop import AutoStopConfig
 from services.core.errors import InvalidInput
-from services.core.training_config import TRAINING_CONFIG, get_config
+from services.core.training_config import START_OPTIONS, TRAINING_CONFIG, get_config
 
 MINIMAL = {"datasetId": "sample", "baseModels": ["tiny-gpt2", "tiny-llama"]}
 
@@ -273,3 +275,39 @@ def test_from_dict_refuses_missing_or_extra_keys(change: str) -> None:
         data["auto_stop"]["colour"] = "blue"
     with pytest.raises(InvalidInput):
         config_from_dict(data)
+
+
+# ---- the description and the proto say the same --------------------------------------------
+
+_PROTO_KINDS = {
+    FieldDescriptor.TYPE_INT64: "integer",
+    FieldDescriptor.TYPE_INT32: "integer",
+    FieldDescriptor.TYPE_DOUBLE: "number",
+    FieldDescriptor.TYPE_BOOL: "boolean",
+    FieldDescriptor.TYPE_ENUM: "enum",
+    FieldDescriptor.TYPE_STRING: "string",
+}
+
+
+def proto_kind(field: Any) -> str:
+    return "array" if field.is_repeated else _PROTO_KINDS[field.type]
+
+
+def test_every_request_field_is_one_described_option_of_its_proto_type() -> None:
+    request: Any = training_pb2.StartRunRequest.DESCRIPTOR
+    config: Any = training_pb2.RunConfig.DESCRIPTOR
+    assert {o.name for o in START_OPTIONS} == set(request.fields_by_name)
+    for option in START_OPTIONS:
+        field = request.fields_by_name[option.name]
+        assert option.camel == field.json_name
+        assert option.kind == proto_kind(field), option.name
+        *parents, leaf = (option.target or option.name).split(".")
+        holder = config
+        for parent in parents:
+            holder = holder.fields_by_name[parent].message_type
+        assert proto_kind(holder.fields_by_name[leaf]) == option.kind, option.target
+        if option.kind == "enum":
+            values = [enum_to_str(field.enum_type, v.number) for v in field.enum_type.values]
+            assert list(option.choices) == [v for v in values if v is not None]
+        if not option.required:  # the default is TRAINING_CONFIG's, and passes its own check
+            assert option.default_value() == option.default == option.parse(option.default)

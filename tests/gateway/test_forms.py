@@ -10,9 +10,9 @@ from hypothesis import strategies as st
 
 from gateway.forms import report_request, start_request
 from services.api import training_pb2
-from services.api.run_config import START_OPTIONS, build_config, config_from_body, read_request
+from services.api.run_config import build_config, config_from_body, read_request
 from services.core.errors import InvalidInput
-from services.core.training_config import TRAINING_CONFIG
+from services.core.training_config import START_OPTIONS, TRAINING_CONFIG
 
 BASE = {"datasetId": "small", "baseModels": ["tiny-llama"]}
 MAX_EPOCHS = TRAINING_CONFIG["limits"]["max_epochs"]

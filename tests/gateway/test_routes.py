@@ -15,8 +15,7 @@ from openapi_spec_validator import validate as validate_openapi
 from gateway.openapi import build_document
 from gateway.settings import STATIC_DIR as STATIC
 from services.api import training_pb2
-from services.api.run_config import START_OPTIONS
-from services.core.training_config import get_config
+from services.core.training_config import START_OPTIONS, get_config
 from tests.gateway.conftest import (
     ADMIN,
     ADMIN_HEADERS,
