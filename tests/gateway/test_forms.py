@@ -10,9 +10,9 @@ from hypothesis import strategies as st
 
 from gateway.forms import report_request, start_request
 from services.api import training_pb2
-from services.api.run_config import build_config, config_from_body, read_request
+from services.api.run_config import build_config, config_from_body, config_to_dict, read_request
 from services.core.errors import InvalidInput
-from services.core.training_config import START_OPTIONS, TRAINING_CONFIG
+from services.core.training_config import START_OPTIONS, TRAINING_CONFIG, StartOption
 
 BASE = {"datasetId": "small", "baseModels": ["tiny-llama"]}
 MAX_EPOCHS = TRAINING_CONFIG["limits"]["max_epochs"]
@@ -29,29 +29,32 @@ def test_every_start_option_is_a_request_field_and_back() -> None:
     assert unknown.value.field == "weightDecay"
 
 
+def other_than_default(option: StartOption) -> Any:
+    """A valid value of `option` that is not its default (the highest allowed, say)."""
+    if option.kind == "boolean":
+        return not option.default
+    if option.kind == "enum":
+        return next(value for value in option.choices if value != option.default)
+    if option.kind == "integer":
+        return int(option.high) if option.high is not None else option.default + 1
+    return (option.low or 0) + (option.default - (option.low or 0)) / 2  # a number between
+
+
 def test_the_service_reads_back_exactly_what_was_sent() -> None:
-    body: dict[str, Any] = {
-        **BASE,
-        "baseModels": ["tiny-llama", "tiny-gpt2"],
-        "epochs": 4,
-        "learningRate": 1,  # an int where a float is meant is still a number
-        "autoStopThreshold": 0.01,
-        "autoStopPatience": 2,
-        "minEpochs": 3,
-        "batchSize": 16,
-        "seed": 2**32 - 1,
-        "method": "full",
-        "loraRank": 4,
-        "maxSeqLength": 64,
-        "loraAlpha": 8,
-        "loraDropout": 0.1,
-        "validationSplit": 0.2,
-        "refreshInterval": 0.5,
-    }
+    body: dict[str, Any] = {**BASE, "baseModels": ["tiny-llama", "tiny-gpt2"]}
+    body.update({o.camel: other_than_default(o) for o in START_OPTIONS if not o.required})
+    body["learningRate"] = 1  # an int where a float is meant is still a number
     request = start_request(body)
     values = read_request(request)
     assert {option.camel: values[option.name] for option in START_OPTIONS} == body
-    assert build_config(values) == config_from_body(body)
+    config = build_config(values)
+    assert config == config_from_body(body)
+    stored = config_to_dict(config)
+    for option in START_OPTIONS:  # every value reached the run's config, none is a default
+        value: Any = stored
+        for part in (option.target or option.name).split("."):
+            value = value[part]
+        assert value == body[option.camel], option.name
 
 
 def test_null_and_absent_take_the_defaults() -> None:
