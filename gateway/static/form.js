@@ -11,7 +11,8 @@ const OWN_FIELDS = ["datasetId", "baseModels"];
 /** One option's field: label, control, limit hint and error line, ids as the errors name them. */
 function drawField(option) {
   const { name, schema } = option;
-  const field = element("div", "field");
+  const checkbox = schema.type === "boolean";
+  const field = element("div", checkbox ? "field field-check" : "field");
   field.dataset.field = name;
   const label = element("label", "label", option.label);
   label.htmlFor = name;
@@ -23,7 +24,7 @@ function drawField(option) {
       item.value = choice.value;
       control.append(item);
     }
-  } else if (schema.type === "boolean") {
+  } else if (checkbox) {
     control = element("input");
     control.type = "checkbox";
   } else {
@@ -50,7 +51,7 @@ function drawField(option) {
   const error = element("p", "field-error");
   error.id = `${name}-error`;
   error.hidden = true;
-  field.append(label, control, hint, error);
+  field.append(...(checkbox ? [control, label] : [label, control]), hint, error);
   return field;
 }
 
