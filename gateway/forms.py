@@ -34,30 +34,24 @@ def start_request(body: object) -> training_pb2.StartRunRequest:
 
 # ---- outside training processes reporting an epoch ------------------------------------------
 
-REPORT_FIELDS = tuple(
-    f.name for f in metrics_pb2.ReportMetricsRequest.DESCRIPTOR.fields if f.name != "run_id"
-)
-"""A report body's fields: the request's own, but for the run id that the path gives."""
-AUTO_STOP_FIELDS = tuple(f.name for f in training_pb2.AutoStopInfo.DESCRIPTOR.fields)
 _REQUIRED = {
     "epoch": "epoch is required: the number of the epoch reported.",
     "val_losses": 'val_losses is required: each model\'s validation loss, e.g. {"my-model": 2.31}.',
 }
 
 
-def _snake_case(name: str) -> str:
-    return "".join(f"_{c.lower()}" if c.isupper() else c for c in name)
+def _fields(descriptor: Any) -> dict[str, str]:
+    """A message's body fields, json_name (camelCase) -> name; the run id comes from the path."""
+    return {f.json_name: f.name for f in descriptor.fields if f.name != "run_id"}
 
 
-def _snake_cased(body: Mapping[Any, Any], allowed: tuple[str, ...]) -> dict[Any, Any]:
-    """`body` with its allowed fields under their snake_case names. A report is an epoch_end
-    as the events spell it (snake_case), but request bodies are camelCase elsewhere: both
-    spellings are taken; a field given in both is refused. Other keys are left as they are."""
+def _snake_cased(body: Mapping[Any, Any], names: Mapping[str, str]) -> dict[Any, Any]:
+    """`body` with the fields of `names` (json_name -> name) under their proto names. A report
+    is an epoch_end as the events spell it (snake_case), but request bodies are camelCase
+    elsewhere: both spellings are taken; a field given in both is refused."""
     fields: dict[Any, Any] = {}
     for key, value in body.items():
-        name = key
-        if isinstance(key, str) and _snake_case(key) in allowed:
-            name = _snake_case(key)
+        name = names.get(key, key)
         if name in fields:
             raise InvalidInput(
                 f"{name} is given twice (also in camelCase); give it once.", field=key
@@ -71,17 +65,16 @@ def _typed(body: object, message: Message, where: str = "") -> Message:
     value checked against its field's proto type; InvalidInput naming the field (a nested
     value by the field it is in). Limits are `check_report`'s."""
     descriptor: Any = message.DESCRIPTOR
-    names = tuple(f.name for f in descriptor.fields if f.name != "run_id")
+    names = _fields(descriptor)
+    listed = ", ".join(names.values())
     if not isinstance(body, Mapping):
-        raise InvalidInput(
-            f"{where} must be an object with {', '.join(names)}, got {body!r}.", field=where
-        )
+        raise InvalidInput(f"{where} must be an object with {listed}, got {body!r}.", field=where)
     for key, value in _snake_cased(body, names).items():
-        if key not in names:
+        if key not in names.values():
             raise InvalidInput(
-                f"Unknown key {key!r} in {where}; allowed: {', '.join(names)}."
+                f"Unknown key {key!r} in {where}; allowed: {listed}."
                 if where
-                else f"Unknown field {key!r}; allowed fields: {', '.join(names)}.",
+                else f"Unknown field {key!r}; allowed fields: {listed}.",
                 field=where or str(key),
             )
         field, subject = descriptor.fields_by_name[key], f"{where}.{key}" if where else key
@@ -112,7 +105,7 @@ def _typed(body: object, message: Message, where: str = "") -> Message:
 def report_request(run_id: str, body: Mapping[str, Any]) -> metrics_pb2.ReportMetricsRequest:
     """The ReportMetricsRequest of a report body (snake_case or camelCase fields);
     InvalidInput naming the field if not."""
-    given = _snake_cased(body, REPORT_FIELDS)
+    given = _snake_cased(body, _fields(metrics_pb2.ReportMetricsRequest.DESCRIPTOR))
     for key, message in _REQUIRED.items():
         if given.get(key) is None:
             raise InvalidInput(message, field=key)

@@ -18,6 +18,8 @@ from types import FrameType
 from typing import Any
 
 from services.core.errors import OneSeekError
+from services.core.layout import datasets_dir, models_dir
+from services.core.training_config import START_OPTIONS
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -27,33 +29,14 @@ def _error(message: str) -> int:
     return EXIT_BAD_INPUT
 
 
-def _models_root(args: argparse.Namespace) -> Path:
-    from services.core.layout import models_dir
-
-    return Path(args.models_dir) if args.models_dir else models_dir()
-
-
-def _datasets_root(args: argparse.Namespace) -> Path:
-    from services.core.layout import datasets_dir
-
-    return Path(args.datasets_dir) if args.datasets_dir else datasets_dir()
-
-
-# The start options' own flags (services/api/run_config.py): the CLI and the REST route share
-# one set of checks and say the same things about bad values.
+# The start options' own flags (services/core/training_config.py): the CLI and the REST route
+# share one set of checks and say the same things about bad values.
 _TYPES: dict[str, type] = {"integer": int, "number": float, "enum": str, "string": str}
-
-
-def _start_flags() -> dict[str, str]:
-    """camelCase start field -> its flag."""
-    from services.core.training_config import START_OPTIONS
-
-    return {option.camel: option.cli_flag for option in START_OPTIONS}
+_FLAGS = {option.camel: option.cli_flag for option in START_OPTIONS}
+"""camelCase start field -> its flag."""
 
 
 def _add_train_flags(parser: argparse.ArgumentParser) -> None:
-    from services.core.training_config import START_OPTIONS
-
     for option in START_OPTIONS:
         flag, help = option.cli_flag, option.help
         # an enum's choices are shown, not enforced here: the option's own check names them
@@ -87,7 +70,7 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
 
 def _train_request(args: argparse.Namespace) -> dict[str, Any]:
     """The camelCase start body of the flags given (the rest take the options' defaults)."""
-    body = {name: getattr(args, name) for name in _start_flags()}
+    body = {name: getattr(args, name) for name in _FLAGS}
     selection = body["baseModels"]
     if selection is None:  # no default model exists: an empty selection is refused
         selection = os.environ.get("BASE_MODELS", "")
@@ -97,7 +80,7 @@ def _train_request(args: argparse.Namespace) -> dict[str, Any]:
 
 def _as_flag(exc: OneSeekError) -> str:
     """The checks speak the request's field names; a terminal user typed flags."""
-    flag = _start_flags().get(exc.field or "")
+    flag = _FLAGS.get(exc.field or "")
     if flag and exc.message.startswith(exc.field or ""):
         return flag + exc.message[len(exc.field or "") :]
     return exc.message
@@ -116,7 +99,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from services.training.run_folder import RunFolder, certified_root
     from services.training.terminal import TerminalDisplay
 
-    models_root, datasets_root = _models_root(args), _datasets_root(args)
+    models_root, datasets_root = models_dir(args.models_dir), datasets_dir(args.datasets_dir)
     try:
         config = config_from_body(_train_request(args))
         models = resolve_models(list(config.base_models), models_root)
@@ -193,7 +176,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_demo_assets(args: argparse.Namespace) -> int:
     from services.training.demo_assets import create_demo_assets
 
-    created = create_demo_assets(_models_root(args), _datasets_root(args), force=args.force)
+    created = create_demo_assets(
+        models_dir(args.models_dir), datasets_dir(args.datasets_dir), force=args.force
+    )
     print(f"{len(created)} demo asset(s) created" if created else "demo assets already present")
     return EXIT_OK
 

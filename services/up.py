@@ -98,8 +98,7 @@ def run(args: argparse.Namespace) -> int:
     from services.training.demo_assets import create_demo_assets
     from services.training.models import discover_models
 
-    models_root = Path(args.models_dir) if args.models_dir else models_dir()
-    datasets_root = Path(args.datasets_dir) if args.datasets_dir else datasets_dir()
+    models_root, datasets_root = models_dir(args.models_dir), datasets_dir(args.datasets_dir)
     if not discover_models(models_root):
         print(f"No base model in {models_root}: creating the demo models...", flush=True)
         create_demo_assets(models_root, datasets_root)

@@ -11,13 +11,10 @@ from dataclasses import asdict
 from typing import Any
 
 from google.protobuf.descriptor import FieldDescriptor
-from google.protobuf.message import Message
 
 from services.api import training_pb2
 from services.api.codec import (
-    NUMBER_TYPES,
     dict_to_message,
-    enum_from_str,
     enum_to_str,
     message_to_dict,
 )
@@ -32,6 +29,7 @@ RunConfig = training_pb2.RunConfig
 
 _REQUEST: Any = training_pb2.StartRunRequest.DESCRIPTOR
 _BY_CAMEL = {option.camel: option for option in START_OPTIONS}
+_STOP = "confidence_auto_stop"
 
 
 # ---- the values of a request --------------------------------------------------------------
@@ -85,10 +83,9 @@ def read_request(request: training_pb2.StartRunRequest) -> dict[str, Any]:
 def to_request(values: Mapping[str, Any]) -> training_pb2.StartRunRequest:
     """A StartRunRequest carrying exactly `values` (checked already): the service fills in the
     rest from its defaults, as the checks assumed."""
-    request = training_pb2.StartRunRequest()
-    for option in START_OPTIONS:
-        if option.name in values:
-            _assign(request, option.name, values[option.name])
+    given = {option.name: values[option.name] for option in START_OPTIONS if option.name in values}
+    request = dict_to_message(given, training_pb2.StartRunRequest())
+    assert isinstance(request, training_pb2.StartRunRequest)
     return request
 
 
@@ -101,7 +98,12 @@ def build_config(
     """The RunConfig of checked option `values`; absent options take the defaults of `config`
     (default TRAINING_CONFIG); what no option sets comes from `config` too."""
     source = TRAINING_CONFIG if config is None else config
-    message = training_pb2.RunConfig()
+    # the sections are checked whole: a typo in them never silently falls back to a default
+    data: dict[str, Any] = {
+        "weight_decay": finite_number(source["defaults"]["weight_decay"], "weightDecay", low=0),
+        "adaptive_weights": asdict(AdaptiveWeightsConfig.from_mapping(source["adaptive_weights"])),
+        "auto_stop": {"enabled": AutoStopConfig.from_mapping(source[_STOP]).enabled},
+    }
     for option in START_OPTIONS:
         if option.name in values:
             value = values[option.name]
@@ -109,12 +111,10 @@ def build_config(
             raise InvalidInput(option.missing, field=option.camel)
         else:
             value = option.parse(option.default_value(source))
-        _assign(message, option.target or option.name, value)
-    message.weight_decay = finite_number(source["defaults"]["weight_decay"], "weightDecay", low=0)
-    adaptive = AdaptiveWeightsConfig.from_mapping(source["adaptive_weights"])
-    message.adaptive_weights.CopyFrom(training_pb2.AdaptiveWeightsConfig(**asdict(adaptive)))
-    # the sections are checked whole: a typo in them never silently falls back to a default
-    message.auto_stop.enabled = AutoStopConfig.from_mapping(source["confidence_auto_stop"]).enabled
+        holder, name = _at(data, option.target or option.name)
+        holder[name] = value
+    message = dict_to_message(data, training_pb2.RunConfig())
+    assert isinstance(message, training_pb2.RunConfig)
     check_config(message)
     return message
 
@@ -128,8 +128,10 @@ def config_from_body(
 
 def check_config(config: training_pb2.RunConfig) -> None:
     """Every value of a RunConfig within its limits; InvalidInput naming the camelCase field."""
+    data = message_to_dict(config)
     for option in START_OPTIONS:
-        option.parse(_read(config, option.target or option.name))
+        holder, name = _at(data, option.target or option.name)
+        option.parse(holder[name])
     finite_number(config.weight_decay, "weightDecay", low=0)
     adaptive_weights(config)
     auto_stop(config)
@@ -142,10 +144,10 @@ def config_to_dict(config: training_pb2.RunConfig) -> dict[str, Any]:
 
 def config_from_dict(data: object) -> training_pb2.RunConfig:
     """The inverse of `config_to_dict`, checked: every key present, none unknown."""
-    _require_fields(data, training_pb2.RunConfig.DESCRIPTOR, "config")
-    assert isinstance(data, Mapping)
     try:
-        message = dict_to_message(data, training_pb2.RunConfig())
+        message = dict_to_message(
+            _require_fields(data, training_pb2.RunConfig.DESCRIPTOR, "config"), RunConfig()
+        )
     except (TypeError, ValueError) as error:
         raise InvalidInput(f"The run config is not valid: {error}.", field="config") from None
     assert isinstance(message, training_pb2.RunConfig)
@@ -170,35 +172,15 @@ def is_lora(config: training_pb2.RunConfig) -> bool:
 # ---- fields by dotted path ------------------------------------------------------------------
 
 
-def _assign(message: Message, path: str, value: Any) -> None:
+def _at(data: dict[str, Any], path: str) -> tuple[dict[str, Any], str]:
+    """The mapping that holds `path`'s last name in nested `data` (made as needed), and the name."""
     *parents, name = path.split(".")
     for parent in parents:
-        message = getattr(message, parent)
-    descriptor: Any = message.DESCRIPTOR.fields_by_name[name]
-    if descriptor.is_repeated:
-        getattr(message, name).extend(value)
-    elif descriptor.type == FieldDescriptor.TYPE_ENUM:
-        setattr(message, name, enum_from_str(descriptor.enum_type, value))
-    elif descriptor.type in NUMBER_TYPES:
-        setattr(message, name, float(value))
-    else:
-        setattr(message, name, value)
+        data = data.setdefault(parent, {})
+    return data, name
 
 
-def _read(message: Message, path: str) -> Any:
-    *parents, name = path.split(".")
-    for parent in parents:
-        message = getattr(message, parent)
-    descriptor: Any = message.DESCRIPTOR.fields_by_name[name]
-    value = getattr(message, name)
-    if descriptor.is_repeated:
-        return list(value)
-    if descriptor.type == FieldDescriptor.TYPE_ENUM:
-        return enum_to_str(descriptor.enum_type, value)
-    return value
-
-
-def _require_fields(data: object, descriptor: Any, what: str) -> None:
+def _require_fields(data: object, descriptor: Any, what: str) -> Mapping[str, Any]:
     """`data` holds exactly the fields of `descriptor`, and so does each sub-message."""
     if not isinstance(data, Mapping):
         raise InvalidInput(f"{what} must be a mapping, got {data!r}.", field=what)
@@ -214,3 +196,4 @@ def _require_fields(data: object, descriptor: Any, what: str) -> None:
     for sub in descriptor.fields:
         if sub.type == FieldDescriptor.TYPE_MESSAGE and not sub.is_repeated:
             _require_fields(data[sub.name], sub.message_type, sub.name)
+    return data

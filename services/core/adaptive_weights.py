@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from services.core.checks import finite_number, flag, known_keys
@@ -63,23 +63,11 @@ class AdaptiveWeightsConfig:
     def from_mapping(cls, section: Mapping[str, Any]) -> AdaptiveWeightsConfig:
         """Build from the nested `TRAINING_CONFIG["adaptive_weights"]` shape; absent keys keep
         the defaults, unknown keys are refused so a typo never silently falls back."""
-        if not isinstance(section, Mapping):
-            raise InvalidInput(f"{_SECTION} must be a mapping, got {section!r}.", field=_SECTION)
-        allowed = (
-            "enabled",
-            "min_multiplier",
-            "max_multiplier",
-            "adjust_strategy",
-            "normalize_weights",
-        )
-        known_keys(section, allowed, _SECTION)
-        values: dict[str, Any] = {k: v for k, v in section.items() if k != "adjust_strategy"}
-        strategy = section.get("adjust_strategy", {})
-        field = f"{_SECTION}.adjust_strategy"
-        if not isinstance(strategy, Mapping):
-            raise InvalidInput(f"{field} must be a mapping, got {strategy!r}.", field=field)
-        known_keys(strategy, ("top_model_boost", "bottom_model_penalty"), field)
-        values.update(strategy)
+        nested = tuple(_STRATEGY)  # the rule's own fields, under "adjust_strategy"
+        own = [f.name for f in fields(cls) if f.name not in nested]
+        values = dict(known_keys(section, [*own, "adjust_strategy"], _SECTION))
+        strategy = values.pop("adjust_strategy", {})
+        values.update(known_keys(strategy, nested, f"{_SECTION}.adjust_strategy"))
         return cls(**values)
 
 

@@ -10,7 +10,6 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from services.core.checks import finite_number, flag, known_keys, whole_number
-from services.core.errors import InvalidInput
 from services.core.training_config import TRAINING_CONFIG
 
 _SECTION = "confidence_auto_stop"
@@ -42,10 +41,7 @@ class AutoStopConfig:
     def from_mapping(cls, section: Mapping[str, Any]) -> AutoStopConfig:
         """Build from `TRAINING_CONFIG["confidence_auto_stop"]`; absent keys keep the defaults,
         unknown keys are refused so a typo never silently falls back."""
-        if not isinstance(section, Mapping):
-            raise InvalidInput(f"{_SECTION} must be a mapping, got {section!r}.", field=_SECTION)
-        known_keys(section, _KEYS, _SECTION)
-        return cls(**section)
+        return cls(**known_keys(section, _KEYS, _SECTION))
 
 
 @dataclass(frozen=True)

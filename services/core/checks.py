@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from services.core.errors import InvalidInput
 
@@ -67,9 +68,11 @@ def flag(value: object, field: str) -> bool:
     return value
 
 
-def known_keys(section: Mapping[str, object], allowed: Iterable[str], field: str) -> None:
-    """Refuse any key of `section` outside `allowed`, so a typo never silently falls back to
-    a default."""
+def known_keys(section: object, allowed: Iterable[str], field: str) -> Mapping[str, Any]:
+    """`section` if it is a mapping with no key outside `allowed`: a typo never silently falls
+    back to a default."""
+    if not isinstance(section, Mapping):
+        raise InvalidInput(f"{field} must be a mapping, got {section!r}.", field=field)
     names = tuple(allowed)
     unknown = [key for key in section if key not in names]
     if unknown:
@@ -77,3 +80,4 @@ def known_keys(section: Mapping[str, object], allowed: Iterable[str], field: str
             f"Unknown key {unknown[0]!r} in {field}; allowed keys: {', '.join(names)}.",
             field=field,
         )
+    return section

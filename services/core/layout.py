@@ -26,14 +26,15 @@ ARTIFACTS = (LIVE_METRICS_FILE, RESULTS_FILE, DNA_FILE, PROOF_FILE)
 """The run folder's JSON files a client may fetch (GetArtifact, GET …/artifacts/{name})."""
 
 
-def models_dir() -> Path:
-    """Base models (`<name>/` folders) and, inside, the run folders: $MODELS_DIR or ./models."""
-    return Path(os.environ.get("MODELS_DIR") or "models")
+def models_dir(given: str | Path | None = None) -> Path:
+    """Base models (`<name>/` folders) and, inside, the run folders: `given` (a flag), else
+    $MODELS_DIR, else ./models."""
+    return Path(given or os.environ.get("MODELS_DIR") or "models")
 
 
-def datasets_dir() -> Path:
-    """Datasets (`<id>.jsonl`): $DATASETS_DIR or ./datasets."""
-    return Path(os.environ.get("DATASETS_DIR") or "datasets")
+def datasets_dir(given: str | Path | None = None) -> Path:
+    """Datasets (`<id>.jsonl`): `given` (a flag), else $DATASETS_DIR, else ./datasets."""
+    return Path(given or os.environ.get("DATASETS_DIR") or "datasets")
 
 
 def state_dir() -> Path:

@@ -112,7 +112,7 @@ def list_datasets(root: Path | None = None) -> list[DatasetInfo]:
     `records` counts non-blank lines without parsing them: a broken file is still listed
     (so a person can pick it and read what is wrong); it is validated when loaded.
     """
-    root = datasets_dir() if root is None else Path(root)
+    root = datasets_dir(root)
     infos = []
     for dataset_id in _dataset_ids(root):
         path = _dataset_path(dataset_id, root)
@@ -199,7 +199,7 @@ def _parse_line(raw: bytes) -> tuple[str, str] | None:
 
 def load_dataset(dataset_id: str, root: Path | None = None) -> Dataset:
     """Read and validate `<root>/<dataset_id>.jsonl`; every bad line is counted in the error."""
-    root = datasets_dir() if root is None else Path(root)
+    root = datasets_dir(root)
     dataset_id = validate_dataset_id(dataset_id)
     path = _dataset_path(dataset_id, root)
     if not path.is_file():

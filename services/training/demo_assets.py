@@ -243,8 +243,7 @@ def create_demo_assets(
     A model is built in a hidden temporary folder next to its target and renamed into place
     when complete, so a half-made model folder never appears under its name.
     """
-    models_root = models_dir() if models_root is None else Path(models_root)
-    datasets_root = datasets_dir() if datasets_root is None else Path(datasets_root)
+    models_root, datasets_root = models_dir(models_root), datasets_dir(datasets_root)
     created: list[Path] = []
 
     dataset = datasets_root / f"{SAMPLE_DATASET_ID}.jsonl"

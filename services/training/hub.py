@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -151,6 +151,17 @@ class Subscription:
             while not self.queue.empty():
                 self.queue.get_nowait()
             self.queue.put_nowait(None)
+
+    async def live(
+        self, last: int, position: Callable[[Event], int], resume: str
+    ) -> AsyncIterator[Event]:
+        """What is offered after `last` (by `position`, seq or cursor); TooSlow, naming where
+        to resume, once the subscriber was dropped."""
+        while (item := await self.queue.get()) is not None:
+            if position(item) > last:
+                last = position(item)
+                yield item
+        raise TooSlow(f"Client too slow; reconnect with {resume}={last}.", field=resume)
 
 
 class Journal:
@@ -306,15 +317,7 @@ class EventHub:
                 yield event
             if record.state.finished and last >= record.last_seq:
                 return
-            while True:
-                item = await sub.queue.get()
-                if item is None:
-                    raise TooSlow(
-                        f"Client too slow; reconnect with after_seq={last}.", field="after_seq"
-                    )
-                if item.seq <= last:
-                    continue
-                last = item.seq
+            async for item in sub.live(last, lambda event: event.seq, "after_seq"):
                 yield item
                 if item.WhichOneof("payload") in TERMINAL:
                     return
@@ -343,16 +346,7 @@ class EventHub:
                 event.cursor = offset
                 last = offset
                 yield event
-            while True:
-                item = await sub.queue.get()
-                if item is None:
-                    raise TooSlow(
-                        f"Client too slow; reconnect with after_cursor={last}.",
-                        field="after_cursor",
-                    )
-                if item.cursor <= last:
-                    continue
-                last = item.cursor
+            async for item in sub.live(last, lambda event: event.cursor, "after_cursor"):
                 yield item
         finally:
             self.subscribers.discard(sub)

@@ -123,7 +123,7 @@ def discover_models(root: Path | None = None) -> list[BaseModelInfo]:
     ones), plain files, and folders that are no model (a person sees them missing from the
     list; `load_model` says what is wrong when one is named explicitly).
     """
-    root = models_dir() if root is None else Path(root)
+    root = models_dir(root)
     if not root.is_dir():
         return []
     infos = []

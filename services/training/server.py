@@ -176,8 +176,8 @@ def run(args: argparse.Namespace) -> int:
     asyncio.run(
         serve(
             args.addr or training_addr(),
-            models_root=Path(args.models_dir) if args.models_dir else models_dir(),
-            datasets_root=Path(args.datasets_dir) if args.datasets_dir else datasets_dir(),
+            models_root=models_dir(args.models_dir),
+            datasets_root=datasets_dir(args.datasets_dir),
             state_dir=state_dir(),
             max_active_runs=args.max_active_runs,
             shutdown_grace=args.shutdown_grace,
