@@ -359,8 +359,8 @@ START_OPTIONS: tuple[StartOption, ...] = (
     _Opt("validation_split", "Validation split", "Share of the records held out for "
          "validation, never trained on.", 0.1, low=0, high=1, low_inclusive=False,
          high_inclusive=False, group="advanced"),
-    _Opt("refresh_interval", "Progress interval (s)", "Seconds between progress events.", 5.0,
-         _LIVE, low=0, low_inclusive=False, group="advanced"),
+    _Opt("refresh_interval", "Progress interval (s)", "Seconds between progress events.", 5,
+         _LIVE, kind="number", low=0, low_inclusive=False, group="advanced"),
 )
 # fmt: on
 """Every start option, in the order the form and the CLI show them."""
