@@ -17,19 +17,12 @@ from grpc import aio
 
 from services.api import training_pb2, training_pb2_grpc
 from services.core.verify import verify_run_folder
-from tests.faults.suite import ADMIN, running_suite
+from tests.faults.suite import running_suite
+from tests.faults.test_training_faults import ADMIN_HEADERS, EVENT_TIMEOUT, MODELS, START, get_json
 
 pytestmark = pytest.mark.slow
-START = "/api/admin/training/start-dna-v2"
-ADMIN_HEADERS = {"Authorization": f"Bearer {ADMIN}"}
-EVENT_TIMEOUT = 120.0
 INTERRUPTED_WITHIN = 2.0
 OUTAGE = 30.0  # long enough for gRPC's own reconnect backoff to grow (it gave 8.8 s here)
-
-
-async def get_json(http: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
-    async with http.get(url, headers=ADMIN_HEADERS) as reply:
-        return reply.status, await reply.json()
 
 
 async def kill_at_first_epoch_end(addr: str, run_id: str, kill: Any) -> None:
@@ -55,7 +48,7 @@ async def test_an_announced_epoch_survives_a_kill_and_interrupted_shows_at_once(
         async with aiohttp.ClientSession() as http:
             body = {
                 "datasetId": "small",
-                "baseModels": ["tiny-llama", "tiny-gpt2"],
+                "baseModels": MODELS,
                 "epochs": 3,
                 "maxSeqLength": 32,
                 "autoStopThreshold": 0.0,

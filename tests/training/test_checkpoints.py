@@ -21,6 +21,7 @@ from torch import nn
 from services.api import training_pb2
 from services.api.codec import event_to_dict
 from services.api.run_config import config_from_body
+from services.core.layout import certified_root
 from services.core.verify import verify_run_folder
 from services.training import checkpoints
 from services.training.checkpoints import (
@@ -262,6 +263,26 @@ def trainer_for(
     )
 
 
+def resume_latest(
+    workspace: tuple[Path, Path], run_id: str, sink: list[dict[str, Any]], **options: Any
+) -> RunSummary:
+    """The run resumed from its newest checkpoint, its events going on after those on disk."""
+    run_dir = certified_root(workspace[0]) / run_id
+    checkpoint = latest_checkpoint(run_dir)
+    assert checkpoint is not None
+    start_seq = len(list(read_events(run_dir / EVENTS_FILE)))
+    folder, path = RunFolder(run_dir), checkpoint.path
+    return trainer_for(
+        workspace,
+        run_id,
+        sink=sink,
+        start_seq=start_seq,
+        resume_from=path,
+        folder=folder,
+        **options,
+    ).run()
+
+
 @pytest.fixture(scope="module")
 def uncut(workspace: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> RunSummary:
     with pytest.MonkeyPatch.context() as patch:
@@ -292,15 +313,7 @@ def test_a_run_cut_off_mid_epoch_resumes_to_the_same_end(
 
     checkpoint = latest_checkpoint(run_dir)
     assert checkpoint is not None and checkpoint.epoch == 2
-    on_disk = list(read_events(run_dir / EVENTS_FILE))
-    resumed = trainer_for(
-        workspace,
-        run_id,
-        sink=seen,
-        start_seq=on_disk[-1].seq,
-        resume_from=checkpoint.path,
-        folder=RunFolder(run_dir),
-    ).run()
+    resumed = resume_latest(workspace, run_id, seen)
 
     assert resumed.status == training_pb2.RUN_STATUS_COMPLETED
     assert [e["seq"] for e in seen] == list(range(1, len(seen) + 1))
@@ -443,16 +456,7 @@ def test_an_epoch_checkpointed_but_never_announced_is_announced_once_on_resume(
     on_disk = list(read_events(run_dir / EVENTS_FILE))
     assert {e.WhichOneof("payload") for e in on_disk} == {"epoch_start", "progress"}
 
-    resumed = trainer_for(
-        workspace,
-        run_id,
-        sink=seen,
-        names=["tiny-gpt2"],
-        start_seq=len(on_disk),
-        resume_from=checkpoint.path,
-        folder=RunFolder(run_dir),
-        **request,
-    ).run()
+    resumed = resume_latest(workspace, run_id, seen, names=["tiny-gpt2"], **request)
 
     assert resumed.status == training_pb2.RUN_STATUS_COMPLETED, resumed.error
     logged = assert_each_epoch_once_in_order(run_dir, epochs=2)
@@ -493,14 +497,7 @@ def test_a_death_right_after_an_epoch_end_does_not_train_the_epoch_again(
     assert checkpoint is not None and checkpoint.epoch == 1
     assert not (run_dir / "adapters" / MODELS[0]).exists()  # it died before saving them
 
-    resumed = trainer_for(
-        workspace,
-        run_id,
-        sink=seen,
-        start_seq=on_disk[-1].seq,
-        resume_from=checkpoint.path,
-        folder=RunFolder(run_dir),
-    ).run()
+    resumed = resume_latest(workspace, run_id, seen)
 
     assert resumed.status == training_pb2.RUN_STATUS_COMPLETED, resumed.error
     logged = assert_each_epoch_once_in_order(run_dir, epochs=3)
