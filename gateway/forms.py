@@ -9,6 +9,7 @@ like an epoch_end payload) is typed here and then checked by the shared `check_r
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -40,7 +41,8 @@ _REQUIRED = {
 }
 
 
-def _fields(descriptor: Any) -> dict[str, str]:
+@functools.cache  # per message type, not per report: this is the ingest's hot path
+def _fields(descriptor: Any) -> Mapping[str, str]:
     """A message's body fields, json_name (camelCase) -> name; the run id comes from the path."""
     return {f.json_name: f.name for f in descriptor.fields if f.name != "run_id"}
 

@@ -366,10 +366,9 @@ START_OPTIONS: tuple[StartOption, ...] = (
 """Every start option, in the order the form and the CLI show them."""
 
 
-def public_config(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def public_config() -> dict[str, Any]:
     """GET /api/config: TRAINING_CONFIG, and every start option as the page's form needs it."""
-    source = TRAINING_CONFIG if config is None else config
-    return {**_thaw(source), "start_options": [o.describe(source) for o in START_OPTIONS]}
+    return {**get_config(), "start_options": [option.describe() for option in START_OPTIONS]}
 
 
 # --- the config ----------------------------------------------------------------------------

@@ -252,17 +252,15 @@ class EventHub:
             elif sub.run_id == record.run_id:
                 sub.offer(event)
 
-    def take_in(self, record: RunRecord) -> None:
+    def take_in(self, record: RunRecord, on_disk: list[Event] | None) -> None:
         """Loop, once a run's writer is gone: makes the run's events and its events.jsonl
-        agree. Events the worker wrote but could not send (it died in between) are taken in;
-        events it sent but could not write (disk trouble) are written now if the disk allows,
-        so a restart replays exactly what subscribers saw."""
-        path = record.folder.path / EVENTS_FILE
-        try:
-            on_disk = list(read_events(path))
-        except (OSError, ValueError) as exc:
-            log.error("cannot read %s: %s", path, exc, extra={"run_id": record.run_id})
+        (`on_disk`, read off the loop by `logged`; None when it could not be read) agree.
+        Events the worker wrote but could not send (it died in between) are taken in; events
+        it sent but could not write (disk trouble) are written now if the disk allows, so a
+        restart replays exactly what subscribers saw."""
+        if on_disk is None:
             return
+        path = record.folder.path / EVENTS_FILE
         for event in on_disk:
             if event.seq == record.last_seq + 1:
                 self.deliver_here(record, event)
@@ -280,6 +278,17 @@ class EventHub:
                     exc.strerror or exc,
                     extra={"run_id": record.run_id},
                 )
+
+    @staticmethod
+    def logged(record: RunRecord) -> list[Event] | None:
+        """The run's events.jsonl (a file read: call it off the loop), or None, logged, when
+        it cannot be read."""
+        path = record.folder.path / EVENTS_FILE
+        try:
+            return list(read_events(path))
+        except (OSError, ValueError) as exc:
+            log.error("cannot read %s: %s", path, exc, extra={"run_id": record.run_id})
+            return None
 
     def end(self, record: RunRecord, status: int, message: str) -> None:
         """The service writes a run's last event itself when its worker cannot. When even the

@@ -97,7 +97,7 @@ class TrainingService:
                     waiting.remove(record)
                 elif not await asyncio.to_thread(record.folder.is_being_trained):
                     waiting.remove(record)
-                    self.hub.take_in(record)
+                    self.hub.take_in(record, await asyncio.to_thread(self.hub.logged, record))
                     if record.status == RUNNING and record.worker is None:
                         self._interrupted(record)
 
@@ -274,15 +274,23 @@ class TrainingService:
     # ---- when a worker is gone -------------------------------------------------------------
 
     def _worker_exited(self, record: RunRecord, worker: WorkerHandle, code: int | None) -> None:
-        """Reader thread, after the worker's pipe closed and the process was joined."""
+        """Reader thread, after the worker's pipe closed and the process was joined: reads what
+        the worker wrote here, off the loop, and hands it to the loop."""
         assert self.hub.loop is not None
-        self.hub.loop.call_soon_threadsafe(self._after_exit, record, worker, code)
+        on_disk = self.hub.logged(record)
+        self.hub.loop.call_soon_threadsafe(self._after_exit, record, worker, code, on_disk)
 
-    def _after_exit(self, record: RunRecord, worker: WorkerHandle, exitcode: int | None) -> None:
+    def _after_exit(
+        self,
+        record: RunRecord,
+        worker: WorkerHandle,
+        exitcode: int | None,
+        on_disk: list[Event] | None,
+    ) -> None:
         if record.worker is not worker:
             return  # an older worker of a run that has been resumed since
         record.worker = None
-        self.hub.take_in(record)
+        self.hub.take_in(record, on_disk)
         if record.status != RUNNING:
             log.info("worker exited code=%s", exitcode, extra=_run(record))
             return

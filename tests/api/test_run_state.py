@@ -15,6 +15,7 @@ from tests.metrics.sample_run import (
     LEARNING_RATE,
     MODELS,
     RUN_ID,
+    interrupted_then_resumed,
     run_config,
     run_events,
     run_message,
@@ -148,28 +149,17 @@ def test_a_resumed_run_is_running_again() -> None:
 def test_an_interrupted_run_resumed_and_finished_reads_like_one_run() -> None:
     """A run interrupted after epoch 1, then resumed: epochs 2 and 3 follow the terminal
     event with later seqs, and the run ends completed with one history entry per epoch."""
-    full = run_events(three_epochs())
-    kinds = [e.WhichOneof("payload") for e in full]
-    first = full[: kinds.index("weight_adjustment") + 1]
-    cut = training_pb2.TrainingEvent(run_id=RUN_ID, seq=len(first) + 1)
-    cut.timestamp.CopyFrom(now_timestamp())
-    cut.training_error.message = "The training service stopped while this run was active."
-    cut.training_error.status = training_pb2.RUN_STATUS_INTERRUPTED
-    state = fold(_new_state(), [*first, cut])
+    events = interrupted_then_resumed()
+    cut = next(i for i, e in enumerate(events) if e.WhichOneof("payload") == "training_error")
+    state = fold(_new_state(), events[: cut + 1])
     assert state.status == "interrupted" and state.finished and state.progress_percent == 100
-    rest = []
-    for offset, event in enumerate(full[len(first) :], start=len(first) + 2):
-        moved = training_pb2.TrainingEvent()
-        moved.CopyFrom(event)
-        moved.seq = offset
-        rest.append(moved)
-    fold(state, rest)
-    reference = fold(_new_state(), full)
+    fold(state, events[cut + 1 :])
+    reference = fold(_new_state(), run_events(three_epochs()))
     assert state.status == "completed" and state.error is None
     assert [h.epoch for h in state.history] == [1, 2, 3]
     assert state.history == reference.history
     assert state.metrics().val_losses == reference.metrics().val_losses
-    assert state.progress_percent == 100 and state.last_seq == len(full) + 1
+    assert state.progress_percent == 100 and state.last_seq == len(events) == events[-1].seq
 
 
 def test_initial_state_carries_metrics_config_models_and_the_last_seq() -> None:

@@ -18,7 +18,12 @@ from grpc import aio
 from services.api import training_pb2, training_pb2_grpc
 from services.core.verify import verify_run_folder
 from tests.faults.suite import running_suite
-from tests.faults.test_training_faults import ADMIN_HEADERS, EVENT_TIMEOUT, MODELS, START, get_json
+from tests.faults.test_training_faults import (
+    EVENT_TIMEOUT,
+    get_json,
+    resume_over_rest,
+    start_quick_run,
+)
 
 pytestmark = pytest.mark.slow
 INTERRUPTED_WITHIN = 2.0
@@ -42,20 +47,9 @@ async def test_an_announced_epoch_survives_a_kill_and_interrupted_shows_at_once(
     tmp_path: Path, demo_models_dir: Path
 ) -> None:
     with running_suite(tmp_path, demo_models_dir) as suite:
-        small = Path(suite.env["DATASETS_DIR"]) / "small.jsonl"
-        small.write_text("\n".join(small.read_text().splitlines()[:24]) + "\n")  # quicker
         base = suite.gateway.url
         async with aiohttp.ClientSession() as http:
-            body = {
-                "datasetId": "small",
-                "baseModels": MODELS,
-                "epochs": 3,
-                "maxSeqLength": 32,
-                "autoStopThreshold": 0.0,
-            }
-            async with http.post(base + START, json=body, headers=ADMIN_HEADERS) as reply:
-                assert reply.status == 202, await reply.text()
-                run_id = (await reply.json())["runId"]
+            run_id = await start_quick_run(http, suite)
             await kill_at_first_epoch_end(suite.training.addr, run_id, suite.training.kill)
             await asyncio.sleep(OUTAGE)
 
@@ -71,15 +65,7 @@ async def test_an_announced_epoch_survives_a_kill_and_interrupted_shows_at_once(
             print(f"interrupted shown {took:.2f} s after the training service's return")
             assert took < INTERRUPTED_WITHIN, f"{took:.2f} s"
 
-            resume_url = f"{base}/api/admin/training/{run_id}/resume"
-            deadline = time.monotonic() + 15
-            while True:  # the old worker may still be on its way out
-                async with http.post(resume_url, headers=ADMIN_HEADERS) as reply:
-                    answer = await reply.json()
-                if reply.status == 202 or time.monotonic() > deadline:
-                    break
-                await asyncio.sleep(0.2)
-            assert reply.status == 202, answer
+            await resume_over_rest(http, base, run_id)
 
             replay: list[dict[str, Any]] = []
             async with http.ws_connect(f"{base}/ws/training?runId={run_id}&since=0") as ws:

@@ -13,11 +13,10 @@ from typing import Any
 
 import pytest
 
-from services.api import training_pb2
-from services.api.codec import event_to_dict, now_timestamp
+from services.api.codec import event_to_dict
 from services.api.run_state import fold
 from services.metrics.records import record_from_run
-from tests.metrics.sample_run import RUN_ID, run_events, run_message, three_epochs
+from tests.metrics.sample_run import RUN_ID, interrupted_then_resumed, run_message
 
 REPO = Path(__file__).resolve().parents[2]
 NODE = shutil.which("node")
@@ -37,24 +36,6 @@ import("data:text/javascript," + encodeURIComponent(source)).then((m) => {
   console.log(JSON.stringify(seen));
 });
 """
-
-
-def interrupted_then_resumed() -> list[training_pb2.TrainingEvent]:
-    """Epoch 1, an `interrupted` ending, then epochs 2-3 and the real ending, seqs going on."""
-    full = run_events(three_epochs())
-    kinds = [e.WhichOneof("payload") for e in full]
-    first = full[: kinds.index("weight_adjustment") + 1]
-    cut = training_pb2.TrainingEvent(run_id=RUN_ID, seq=len(first) + 1)
-    cut.timestamp.CopyFrom(now_timestamp())
-    cut.training_error.message = "The training service stopped while this run was active."
-    cut.training_error.status = training_pb2.RUN_STATUS_INTERRUPTED
-    rest = []
-    for seq, event in enumerate(full[len(first) :], start=len(first) + 2):
-        moved = training_pb2.TrainingEvent()
-        moved.CopyFrom(event)
-        moved.seq = seq
-        rest.append(moved)
-    return [*first, cut, *rest]
 
 
 if NODE is None:

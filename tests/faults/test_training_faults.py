@@ -21,13 +21,22 @@ import pytest
 from services.api import training_pb2, training_pb2_grpc
 from services.api.codec import event_to_dict
 from services.core.verify import verify_run_folder
-from tests.faults.suite import ADMIN, running_suite
+from tests.faults.suite import ADMIN, Suite, running_suite
 from tests.faults.test_resume import resume, worker_pid
 from tests.processes import ServiceProcess, workspace_env
 
 pytestmark = pytest.mark.slow
 MODELS = ["tiny-llama", "tiny-gpt2"]
 START = "/api/admin/training/start-dna-v2"
+RUN = "/api/admin/training"
+QUICK_RUN = {
+    "datasetId": "small",
+    "baseModels": MODELS,
+    "epochs": 3,
+    "maxSeqLength": 32,
+    "batchSize": 8,
+    "autoStopThreshold": 0.0,
+}
 ADMIN_HEADERS = {"Authorization": f"Bearer {ADMIN}"}
 EVENT_TIMEOUT = 120.0
 
@@ -45,26 +54,40 @@ async def get_json(http: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
         return reply.status, await reply.json()
 
 
+async def start_quick_run(http: aiohttp.ClientSession, suite: Suite, **options: Any) -> str:
+    """Starts a 3-epoch run of both models on 24 records through the gateway; its run id."""
+    small = Path(suite.env["DATASETS_DIR"]) / "small.jsonl"
+    small.write_text("\n".join(small.read_text().splitlines()[:24]) + "\n")
+    body = {**QUICK_RUN, **options}
+    async with http.post(suite.gateway.url + START, json=body, headers=ADMIN_HEADERS) as reply:
+        assert reply.status == 202, await reply.text()
+        run_id: str = (await reply.json())["runId"]
+        return run_id
+
+
+async def resume_over_rest(http: aiohttp.ClientSession, base: str, run_id: str) -> Any:
+    """POST …/resume; asked again while the gateway has not found the restarted service yet
+    (503, its channel reconnects within a second) or the run's old worker is still on its way
+    out. The answer, which must be 202."""
+    deadline = time.monotonic() + 15
+    while True:
+        async with http.post(f"{base}{RUN}/{run_id}/resume", headers=ADMIN_HEADERS) as reply:
+            answer = await reply.json()
+        waiting = reply.status == 503 or "shutting down" in answer.get("message", "")
+        if not waiting or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.2)
+    assert reply.status == 202, answer
+    return answer
+
+
 async def test_training_service_killed_mid_run_then_resumed_loses_no_event(
     tmp_path: Path, demo_models_dir: Path
 ) -> None:
     with running_suite(tmp_path, demo_models_dir) as suite:
-        small = Path(suite.env["DATASETS_DIR"]) / "small.jsonl"
-        small.write_text("\n".join(small.read_text().splitlines()[:24]) + "\n")  # quicker
         base = suite.gateway.url
         async with aiohttp.ClientSession() as http:
-            body = {
-                "datasetId": "small",
-                "baseModels": MODELS,
-                "epochs": 3,
-                "maxSeqLength": 32,
-                "batchSize": 8,
-                "autoStopThreshold": 0.0,
-                "refreshInterval": 0.05,
-            }
-            async with http.post(base + START, json=body, headers=ADMIN_HEADERS) as reply:
-                assert reply.status == 202, await reply.text()
-                run_id = (await reply.json())["runId"]
+            run_id = await start_quick_run(http, suite, refreshInterval=0.05)
 
             got: list[dict[str, Any]] = []
             feed = f"{base}/ws/training?runId={run_id}"
@@ -87,17 +110,7 @@ async def test_training_service_killed_mid_run_then_resumed_loses_no_event(
                 assert time.monotonic() < deadline, metrics
                 await asyncio.sleep(0.2)
                 status, metrics = await get_json(http, f"{base}/api/training/{run_id}/metrics")
-            # the gateway's channel finds the service back within its reconnect backoff (at
-            # most 3 s): until then it answers 503, as for any service that is down
-            resume_url = f"{base}/api/admin/training/{run_id}/resume"
-            deadline = time.monotonic() + 15
-            while True:
-                async with http.post(resume_url, headers=ADMIN_HEADERS) as reply:
-                    answer = await reply.json()
-                    if reply.status != 503 or time.monotonic() > deadline:
-                        break
-                await asyncio.sleep(0.2)
-            assert reply.status == 202, answer
+            answer = await resume_over_rest(http, base, run_id)
             assert answer == {"success": True, "runId": run_id, "status": "running"}
 
             # a reloaded page: reconnect after the last event it had

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from services.api import training_pb2
-from services.api.codec import parse_timestamp
+from services.api.codec import now_timestamp, parse_timestamp
 from services.core.adaptive_weights import (
     AdaptiveWeightsConfig,
     adjust_weights,
@@ -201,3 +201,21 @@ def with_cursors(
         copy.cursor = start + offset
         out.append(copy)
     return out
+
+
+def interrupted_then_resumed() -> list[training_pb2.TrainingEvent]:
+    """Epoch 1, an `interrupted` ending, then epochs 2-3 and the real ending, seqs going on."""
+    full = run_events(three_epochs())
+    kinds = [e.WhichOneof("payload") for e in full]
+    first = full[: kinds.index("weight_adjustment") + 1]
+    cut = training_pb2.TrainingEvent(run_id=RUN_ID, seq=len(first) + 1)
+    cut.timestamp.CopyFrom(now_timestamp())
+    cut.training_error.message = "The training service stopped while this run was active."
+    cut.training_error.status = training_pb2.RUN_STATUS_INTERRUPTED
+    rest = []
+    for seq, event in enumerate(full[len(first) :], start=len(first) + 2):
+        moved = training_pb2.TrainingEvent()
+        moved.CopyFrom(event)
+        moved.seq = seq
+        rest.append(moved)
+    return [*first, cut, *rest]
