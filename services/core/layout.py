@@ -9,7 +9,6 @@ from pathlib import Path
 
 from services.core.training_config import TRAINING_CONFIG
 
-STATE_DIR_ENV = "ONESEEK_STATE_DIR"
 CERTIFIED_DIR = str(TRAINING_CONFIG["metadata"]["certified_dir"])
 
 # ---- inside `$MODELS_DIR/oneseek-certified/<runId>/` ----------------------------------------
@@ -39,7 +38,7 @@ def datasets_dir(given: str | Path | None = None) -> Path:
 
 def state_dir() -> Path:
     """The suite's own state (keys, database, journal, token): $ONESEEK_STATE_DIR or ./var."""
-    return Path(os.environ.get(STATE_DIR_ENV) or "var")
+    return Path(os.environ.get("ONESEEK_STATE_DIR") or "var")
 
 
 def certified_root(models_root: Path) -> Path:

@@ -25,6 +25,7 @@ from services.api import training_pb2
 from services.api.codec import format_timestamp, now_timestamp
 from services.api.run_config import RunConfig
 from services.api.run_state import RunState
+from services.api.run_state import fold as fold_events
 from services.core.errors import Conflict, InvalidInput, TooSlow
 from services.core.layout import EVENTS_FILE
 from services.training.events import append_events, read_events
@@ -71,15 +72,10 @@ class RunRecord:
 
     def fold(self) -> RunState:
         """The run's state from its events alone."""
-        state = RunState(
-            self.run_id,
-            config=self.config,
-            models=[training_pb2.ModelInfo(**model) for model in self.models],
-            created_at=format_timestamp(self.created_at),
-        )
-        for event in self.events:
-            state.apply(event)
-        return state
+        models = [training_pb2.ModelInfo(**model) for model in self.models]
+        created = format_timestamp(self.created_at)
+        state = RunState(self.run_id, config=self.config, models=models, created_at=created)
+        return fold_events(state, self.events)
 
     def check_resumable(self) -> None:
         """Refuses (Conflict) a run that is running, ended cleanly, or failed for a reason
@@ -113,7 +109,7 @@ class RunRecord:
 
     def to_proto(self) -> training_pb2.Run:
         state = self.state
-        run = training_pb2.Run(
+        return training_pb2.Run(
             run_id=self.run_id,
             status=state.status_value,
             config=self.config,
@@ -124,13 +120,11 @@ class RunRecord:
             run_dir=str(self.folder.path),
             last_seq=self.last_seq,
             models=state.models,
+            finished_at=state.finished_at,  # None, like the three after it, leaves it unset
+            best_model=state.best_model,
+            dna=state.dna,
+            error=state.error,
         )
-        if state.finished_at is not None:
-            run.finished_at.CopyFrom(state.finished_at)
-        for name in ("best_model", "dna", "error"):
-            if getattr(state, name) is not None:
-                setattr(run, name, getattr(state, name))
-        return run
 
 
 class Subscription:

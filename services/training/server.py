@@ -118,7 +118,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
     async def StreamEvents(
         self, request: training_pb2.StreamEventsRequest, context: Context
     ) -> AsyncIterator[training_pb2.TrainingEvent]:
-        async for event in self.service.stream(request.after_cursor):
+        async for event in self.service.hub.stream(request.after_cursor):
             yield event
 
 

@@ -268,9 +268,6 @@ class TrainingService:
     def watch(self, run_id: str, after_seq: int) -> AsyncIterator[Event]:
         return self.hub.watch(self.get(run_id), after_seq)
 
-    def stream(self, after_cursor: int) -> AsyncIterator[Event]:
-        return self.hub.stream(after_cursor)
-
     # ---- when a worker is gone -------------------------------------------------------------
 
     def _worker_exited(self, record: RunRecord, worker: WorkerHandle, code: int | None) -> None:
@@ -281,23 +278,19 @@ class TrainingService:
         self.hub.loop.call_soon_threadsafe(self._after_exit, record, worker, code, on_disk)
 
     def _after_exit(
-        self,
-        record: RunRecord,
-        worker: WorkerHandle,
-        exitcode: int | None,
-        on_disk: list[Event] | None,
+        self, record: RunRecord, worker: WorkerHandle, code: int | None, logged: list[Event] | None
     ) -> None:
         if record.worker is not worker:
             return  # an older worker of a run that has been resumed since
         record.worker = None
-        self.hub.take_in(record, on_disk)
+        self.hub.take_in(record, logged)
         if record.status != RUNNING:
-            log.info("worker exited code=%s", exitcode, extra=_run(record))
+            log.info("worker exited code=%s", code, extra=_run(record))
             return
         how = (
-            f"was killed by signal {-exitcode}"
-            if exitcode is not None and exitcode < 0
-            else f"exited with code {exitcode}"
+            f"was killed by signal {-code}"
+            if code is not None and code < 0
+            else f"exited with code {code}"
         )
         log.error("worker died without finishing: %s", how, extra=_run(record))
         self.hub.end(
