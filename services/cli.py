@@ -94,6 +94,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from services.core.training_config import generate_run_id
     from services.training.data import load_dataset
     from services.training.events import EVENTS_FILE, EventLog
+    from services.training.memory_plan import placements_of, planned_models
     from services.training.models import resolve_models
     from services.training.population import TrainingRun
     from services.training.run_folder import RunFolder, certified_root
@@ -105,8 +106,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         models = resolve_models(list(config.base_models), models_root)
         dataset = load_dataset(config.dataset_id, datasets_root)
         run_id = generate_run_id(exists=lambda rid: (certified_root(models_root) / rid).exists())
+        planned = planned_models(config, models, dataset.records)
         folder = RunFolder.create(models_root, run_id)
-        folder.write_manifest(config, [m.to_dict() for m in models])
+        folder.write_manifest(config, planned)
     except OneSeekError as exc:
         return _error(_as_flag(exc))
 
@@ -132,6 +134,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             events=events,
             stop=stop,
             on_step=display.on_step,
+            placements=placements_of(planned),
         )
         with folder.worker_lock():
             try:
@@ -177,7 +180,10 @@ def cmd_demo_assets(args: argparse.Namespace) -> int:
     from services.training.demo_assets import create_demo_assets
 
     created = create_demo_assets(
-        models_dir(args.models_dir), datasets_dir(args.datasets_dir), force=args.force
+        models_dir(args.models_dir),
+        datasets_dir(args.datasets_dir),
+        force=args.force,
+        size=args.size,
     )
     print(f"{len(created)} demo asset(s) created" if created else "demo assets already present")
     return EXIT_OK
@@ -227,6 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo-assets", help="create tiny seeded demo models and the sample data")
     demo.add_argument("--force", action="store_true", help="recreate existing demo models")
+    demo.add_argument(
+        "--size",
+        choices=("tiny", "mid", "all"),
+        default="tiny",
+        help="tiny: four 0.1-0.3M-parameter models of different architectures (the default); "
+        "mid: a ~30M-parameter Llama for benchmarks; all: both",
+    )
     common(demo)
     demo.set_defaults(func=cmd_demo_assets)
 

@@ -74,3 +74,30 @@ def isolated_env(
     monkeypatch.delenv("LEDGER_PRIVATE_KEY_PATH", raising=False)
     monkeypatch.delenv("LEDGER_URL", raising=False)
     yield env
+
+
+@pytest.fixture(scope="session")
+def mid_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A MODELS_DIR with the ~30M-parameter mid demo model, made once per session (read-only)."""
+    from services.training.demo_assets import create_demo_assets
+
+    root = tmp_path_factory.mktemp("mid-assets")
+    models = root / "models"
+    create_demo_assets(
+        models_root=models, datasets_root=root / "datasets", size="mid", log=lambda _: None
+    )
+    return models
+
+
+def long_records(count: int, tokens: int, seed: int = 0) -> str:
+    """JSONL of `count` records whose completions are about `tokens` single-character words
+    (each a token or two for every demo tokenizer): a dataset whose batches are truly long."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    lines = []
+    for index in range(count):
+        words = " ".join(rng.choice("abcdefghij") for _ in range(tokens))
+        lines.append(json.dumps({"prompt": f"Record {index}:", "completion": words}))
+    return "\n".join(lines) + "\n"

@@ -56,6 +56,20 @@ export function formatCount(value) {
   return integer.format(value);
 }
 
+/** 15032385536 -> "14.0 GiB", 8821760 -> "8.4 MiB": memory as the plan speaks of it. */
+export function formatBytes(value) {
+  if (!isNumber(value)) return DASH;
+  const units = [
+    [1024 ** 3, "GiB"],
+    [1024 ** 2, "MiB"],
+    [1024, "KiB"],
+  ];
+  for (const [size, unit] of units) {
+    if (Math.abs(value) >= size) return `${(value / size).toFixed(1)} ${unit}`;
+  }
+  return `${integer.format(value)} B`;
+}
+
 /** Seconds as "1h 02m", "3m 05s" or "42s". */
 export function formatDuration(seconds) {
   if (!isNumber(seconds) || seconds < 0) return DASH;

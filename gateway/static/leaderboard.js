@@ -2,7 +2,7 @@
 // change of rank can slide (FLIP: measure, reorder, play the difference back to zero).
 
 import { element } from "./dom.js";
-import { formatCount, formatLoss, formatLr, formatWeight, isNumber } from "./format.js";
+import { formatBytes, formatCount, formatLoss, formatLr, formatWeight, isNumber } from "./format.js";
 
 const reducedMotion = window.matchMedia("(prefers-reduced-motion: reduce)");
 
@@ -38,7 +38,10 @@ function createRow(name) {
   short.setAttribute("aria-hidden", "true");
   lr.append(short, element("span", "lr-value num"));
 
-  row.append(rank, model, loss, weight, lr);
+  const device = labelled("device-cell", "Device");
+  device.append(element("span", "device-name"), element("span", "device-need num"));
+
+  row.append(rank, model, loss, weight, lr, device);
   return row;
 }
 
@@ -108,6 +111,23 @@ function updateRow(row, data, context) {
   const exact = isNumber(data.weight) ? data.weight : "—";
   bar.title = `Weight ${exact} on [${minWeight}, ${maxWeight}]`;
   row.querySelector(".weight-value").textContent = formatWeight(data.weight);
+
+  // where the memory plan put the model, and the peak it expects there
+  const placement = info?.placement ?? null;
+  const device = row.querySelector(".device-cell");
+  row.querySelector(".device-name").textContent = placement?.device
+    ? `${placement.device}${placement.offloaded ? " ⇄" : ""}`
+    : "—";
+  row.querySelector(".device-need").textContent = placement
+    ? `~${formatBytes(placement.estimated_bytes)} ${placement.precision ?? ""}`.trim()
+    : "";
+  device.title = placement
+    ? `Estimated peak ${formatBytes(placement.estimated_bytes)}: weights ` +
+      `${formatBytes(placement.weight_bytes)}, gradients ${formatBytes(placement.gradient_bytes)}, ` +
+      `optimizer ${formatBytes(placement.optimizer_bytes)}, activations ` +
+      `${formatBytes(placement.activation_bytes)}` +
+      (placement.offloaded ? "; held in host memory between its turns" : "")
+    : "";
 
   const lr = row.querySelector(".lr-value");
   lr.textContent = formatLr(data.lr);

@@ -135,6 +135,12 @@ def check_config(config: training_pb2.RunConfig) -> None:
     finite_number(config.weight_decay, "weightDecay", low=0)
     adaptive_weights(config)
     auto_stop(config)
+    if config.quantization == training_pb2.QUANTIZATION_4BIT and not is_lora(config):
+        raise InvalidInput(
+            "quantization 4bit needs method lora: a 4-bit base model is frozen, so full "
+            "fine-tuning cannot train it. Use method lora, or quantization none.",
+            field="quantization",
+        )
 
 
 def config_to_dict(config: training_pb2.RunConfig) -> dict[str, Any]:
@@ -142,8 +148,19 @@ def config_to_dict(config: training_pb2.RunConfig) -> dict[str, Any]:
     return message_to_dict(config)
 
 
+ADDED_LATER: Mapping[str, Any] = {
+    "precision": "fp32",
+    "gradient_checkpointing": False,
+    "quantization": "none",
+}
+"""Settings a stored config may predate, with what the runs stored before them did."""
+
+
 def config_from_dict(data: object) -> training_pb2.RunConfig:
-    """The inverse of `config_to_dict`, checked: every key present, none unknown."""
+    """The inverse of `config_to_dict`, checked: every key present (but those of ADDED_LATER,
+    which an older run folder lacks), none unknown."""
+    if isinstance(data, Mapping):
+        data = {**ADDED_LATER, **data}
     try:
         message = dict_to_message(
             _require_fields(data, training_pb2.RunConfig.DESCRIPTOR, "config"), RunConfig()

@@ -225,6 +225,7 @@ class RunState:
             metrics.auto_stop_info.CopyFrom(self.auto_stop_info)
         if self.timestamp is not None:
             metrics.timestamp.CopyFrom(self.timestamp)
+        metrics.placement.extend(m.placement for m in self.models if m.HasField("placement"))
         return metrics
 
     def leaderboard(self) -> metrics_pb2.Leaderboard:

@@ -342,6 +342,9 @@ START_OPTIONS: tuple[StartOption, ...] = (
          "parameter.", "lora", choices={"lora": "LoRA adapters", "full": "Full fine-tune"}),
     _Opt("lora_rank", "LoRA rank", "Rank of each LoRA update.", 8,
          low=1, high=_LIMITS["max_lora_rank"], when=_LORA),
+    _Opt("precision", "Precision", "What the models compute in: auto is bf16 on a GPU that "
+         "supports it, fp16 on one that does not, fp32 on a CPU.", "auto",
+         choices={"auto": "Auto", "fp32": "fp32", "bf16": "bf16", "fp16": "fp16 (GPU only)"}),
     _Opt("auto_stop_threshold", "Threshold", "An epoch whose population loss moves by less than "
          "this counts towards the streak.", 0.001, _STOP, "threshold", low=0,
          target="auto_stop.threshold", group="auto_stop"),
@@ -354,6 +357,12 @@ START_OPTIONS: tuple[StartOption, ...] = (
          low=1, high=_INT32_MAX, group="advanced", when=_LORA),
     _Opt("lora_dropout", "LoRA dropout", "Dropout on the input of each LoRA update.", 0.05,
          low=0, high=1, high_inclusive=False, group="advanced", when=_LORA),
+    _Opt("gradient_checkpointing", "Gradient checkpointing", "Keep only each layer's input "
+         "and recompute the rest in the backward pass: far less activation memory, about a "
+         "third more compute.", False, group="advanced"),
+    _Opt("quantization", "Quantization", "4bit keeps the frozen base in NF4 (QLoRA): about a "
+         "quarter of bf16's weight memory; needs a CUDA GPU and bitsandbytes.", "none",
+         choices={"none": "None", "4bit": "4-bit NF4 (QLoRA)"}, group="advanced", when=_LORA),
     _Opt("max_seq_length", "Max tokens", "Tokens per example after truncation.", 256,
          low=8, high=_LIMITS["max_seq_length"], group="advanced"),
     _Opt("validation_split", "Validation split", "Share of the records held out for "

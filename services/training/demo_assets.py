@@ -52,6 +52,9 @@ class DemoModel:
     eos: str
     pad: str
     unk: str
+    size: str = "tiny"
+    """tiny (0.1–0.3M parameters: tests and demos) or mid (~30M: the benchmarks, where a
+    training step is real work)."""
 
     @property
     def seed(self) -> int:
@@ -82,8 +85,13 @@ DEMO_SPECS: tuple[DemoModel, ...] = (
         "<|endoftext|>",
     ),
     DemoModel("tiny-mistral", "MistralForCausalLM", False, 1000, "<s>", "</s>", "<pad>", "<unk>"),
+    DemoModel(
+        "mid-llama", "LlamaForCausalLM", False, 4000, "<s>", "</s>", "<pad>", "<unk>", size="mid"
+    ),
 )
-DEMO_MODELS: tuple[str, ...] = tuple(spec.name for spec in DEMO_SPECS)
+SIZES = ("tiny", "mid", "all")
+DEMO_MODELS: tuple[str, ...] = tuple(spec.name for spec in DEMO_SPECS if spec.size == "tiny")
+"""The models `oneseek demo-assets` makes by default."""
 
 
 def _training_text() -> Iterator[str]:
@@ -172,6 +180,9 @@ def _config(spec: DemoModel, vocab_size: int, ids: dict[str, int]) -> Pretrained
         "max_position_embeddings": MAX_POSITIONS,
         "attention_dropout": 0.0,
     }
+    if spec.size == "mid":  # 8 layers 512 wide: about 30M parameters
+        mid = {**decoder, "hidden_size": 512, "num_hidden_layers": 8, "num_attention_heads": 8}
+        return LlamaConfig(**mid, intermediate_size=1536, num_key_value_heads=8)
     if spec.architecture == "LlamaForCausalLM":
         return LlamaConfig(**decoder, intermediate_size=192, num_key_value_heads=4)
     if spec.architecture == "Qwen2ForCausalLM":
@@ -235,6 +246,7 @@ def create_demo_assets(
     datasets_root: Path | None = None,
     *,
     force: bool = False,
+    size: str = "tiny",
     log: Callable[[str], None] = print,
 ) -> list[Path]:
     """Create each missing demo model folder (all of them with `force`) and the sample dataset
@@ -254,6 +266,8 @@ def create_demo_assets(
 
     models_root.mkdir(parents=True, exist_ok=True)
     for spec in DEMO_SPECS:
+        if size != "all" and spec.size != size:
+            continue
         target = models_root / spec.name
         if (target.exists() or target.is_symlink()) and not force:
             continue

@@ -22,7 +22,7 @@ from typing import Any
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.api import training_pb2
-from services.api.codec import format_timestamp, now_timestamp
+from services.api.codec import dict_to_message, format_timestamp, now_timestamp
 from services.api.run_config import RunConfig
 from services.api.run_state import RunState
 from services.api.run_state import fold as fold_events
@@ -72,10 +72,19 @@ class RunRecord:
 
     def fold(self) -> RunState:
         """The run's state from its events alone."""
-        models = [training_pb2.ModelInfo(**model) for model in self.models]
         created = format_timestamp(self.created_at)
-        state = RunState(self.run_id, config=self.config, models=models, created_at=created)
+        state = RunState(
+            self.run_id, config=self.config, models=self.model_infos(), created_at=created
+        )
         return fold_events(state, self.events)
+
+    def model_infos(self) -> list[training_pb2.ModelInfo]:
+        infos = []
+        for model in self.models:
+            info = dict_to_message(model, training_pb2.ModelInfo())
+            assert isinstance(info, training_pb2.ModelInfo)
+            infos.append(info)
+        return infos
 
     def check_resumable(self) -> None:
         """Refuses (Conflict) a run that is running, ended cleanly, or failed for a reason

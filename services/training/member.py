@@ -8,18 +8,23 @@ import hashlib
 import math
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional
 
+from services.api import training_pb2
+from services.api.codec import enum_to_str
 from services.api.run_config import RunConfig, is_lora
 from services.training.checkpoints import CheckpointMismatch, MemberState
 from services.training.data import Batch, Record, make_batches, tokenize_records
 from services.training.models import BaseModelInfo, load_model, load_tokenizer
+from services.training.precision import Numerics
 
 
 def derive_seed(seed: int, *parts: object) -> int:
@@ -35,6 +40,39 @@ def token_weighted_mean(losses: Sequence[torch.Tensor], weights: Sequence[int]) 
     stacked = torch.stack([loss.float() for loss in losses])
     counts = torch.tensor(weights, dtype=torch.float32, device=stacked.device)
     return float((stacked * counts).sum() / counts.sum())
+
+
+def fp32_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The mean next-token loss over the labelled tokens, computed from fp32 logits whatever
+    the model computed in, so every precision reports comparable numbers."""
+    shifted = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+    return functional.cross_entropy(shifted, labels[:, 1:].reshape(-1), ignore_index=-100)
+
+
+def cpu_placement(precision: str = "fp32") -> training_pb2.Placement:
+    """A placement on the CPU: what a member gets when nothing else is planned."""
+    value = training_pb2.Precision.Value(f"PRECISION_{precision.upper()}")
+    return training_pb2.Placement(device="cpu", precision=value)
+
+
+def prepare_base(config: RunConfig, model: nn.Module) -> nn.Module:
+    """The base model readied for the run's memory settings: gradient checkpointing (never
+    re-entrant: adapters on a frozen base still get their gradients), and a 4-bit base made
+    trainable through its adapters (norms in fp32, inputs needing gradients)."""
+    base: Any = model
+    kwargs = {"use_reentrant": False}
+    if config.quantization == training_pb2.QUANTIZATION_4BIT:
+        from peft import prepare_model_for_kbit_training
+
+        return prepare_model_for_kbit_training(  # type: ignore[no-any-return, no-untyped-call]
+            base,
+            use_gradient_checkpointing=config.gradient_checkpointing,
+            gradient_checkpointing_kwargs=kwargs,
+        )
+    if config.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        base.config.use_cache = False
+    return model
 
 
 def wrap_model(config: RunConfig, model: nn.Module) -> nn.Module:
@@ -122,26 +160,37 @@ class PopulationMember:
         info: BaseModelInfo,
         train: Sequence[Record],
         validation: Sequence[Record],
-        device: torch.device,
+        placement: training_pb2.Placement | None = None,
     ) -> None:
-        self.info, self.device = info, device
+        placement = placement or cpu_placement()
+        self.info, self.device = info, torch.device(placement.device)
+        # an offloaded member waits in host memory and comes onto its device for its turns
+        self.home = torch.device("cpu") if placement.offloaded else self.device
+        precision = enum_to_str(training_pb2.Precision.DESCRIPTOR, placement.precision) or "fp32"
+        self.numerics = Numerics(precision, self.device.type, is_lora(config))
+        self.scaler = self.numerics.scaler()
         # the two settings it uses between epochs; the rest is spent building it
         self.seed, self.batch_size = config.seed, config.batch_size
         self.tokenizer = load_tokenizer(info)
         torch.manual_seed(derive_seed(config.seed, info.name, "init"))
-        self.model = wrap_model(config, load_model(info, device))
+        base = load_model(
+            info,
+            self.home,
+            self.numerics.load_dtype,
+            four_bit=config.quantization == training_pb2.QUANTIZATION_4BIT,
+        )
+        self.model = wrap_model(config, prepare_base(config, base))
         trainable = [p for p in self.model.parameters() if p.requires_grad]
+        for param in trainable:  # adapters, or the master weights, train in fp32
+            param.data = param.data.float()
         # every weight starts at 1.0, so the first epoch's learning rate is the run's own
         self.optimizer = torch.optim.AdamW(
             trainable, lr=config.learning_rate, weight_decay=config.weight_decay
         )
         examples = tokenize_records(validation, self.tokenizer, config.max_seq_length)
-        self.val_batches = [
-            self._to_device(batch)
-            for batch in make_batches(
-                examples, config.batch_size, self.tokenizer.pad_token_id, shuffle_seed=None
-            )
-        ]
+        self.val_batches = make_batches(
+            examples, config.batch_size, self.tokenizer.pad_token_id, shuffle_seed=None
+        )
         self.train_examples = tokenize_records(train, self.tokenizer, config.max_seq_length)
         self._losses: list[torch.Tensor] = []
         self._counts: list[int] = []
@@ -180,13 +229,19 @@ class PopulationMember:
                 return None
             batch = self._to_device(batch)
             step_started = time.perf_counter()
-            loss = model(
-                input_ids=batch.input_ids,
-                attention_mask=batch.attention_mask,
-                labels=batch.labels,
-            ).loss
-            loss.backward()
-            optimizer.step()
+            with self.numerics.autocast():
+                loss = model(
+                    input_ids=batch.input_ids,
+                    attention_mask=batch.attention_mask,
+                    labels=batch.labels,
+                ).loss
+            if self.scaler is None:
+                loss.backward()
+                optimizer.step()
+            else:  # fp16: scaled so small gradients survive, unscaled before the step
+                self.scaler.scale(loss).backward()
+                self.scaler.step(optimizer)
+                self.scaler.update()
             optimizer.zero_grad(set_to_none=True)
             now = time.perf_counter()
             self._losses.append(loss.detach())
@@ -205,17 +260,38 @@ class PopulationMember:
 
     @torch.no_grad()
     def validate(self) -> float:
-        """The token-weighted mean loss on the held-out records."""
+        """The token-weighted mean loss on the held-out records, from fp32 logits."""
         self.model.eval()
         losses: list[torch.Tensor] = []
         counts: list[int] = []
-        for batch in self.val_batches:
-            out = self.model(
-                input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels
-            )
-            losses.append(out.loss.detach())
+        for batch in map(self._to_device, self.val_batches):
+            with self.numerics.autocast():
+                logits = self.model(
+                    input_ids=batch.input_ids, attention_mask=batch.attention_mask
+                ).logits
+            losses.append(fp32_loss(logits, batch.labels))
             counts.append(batch.target_tokens)
         return token_weighted_mean(losses, counts)
+
+    @contextmanager
+    def turn(self) -> Iterator[None]:
+        """While it trains or validates: on its device. An offloaded member comes from host
+        memory with its optimizer state, and goes back after."""
+        if self.home == self.device:
+            yield
+            return
+        self._move(self.device)
+        try:
+            yield
+        finally:
+            self._move(self.home)
+
+    def _move(self, device: torch.device) -> None:
+        self.model.to(device)
+        for state in self.optimizer.state.values():
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0:  # `step` stays put
+                    state[key] = value.to(device, non_blocking=True)
 
     def set_learning_rate(self, rate: float) -> float:
         """Sets the rate for the next epoch; returns the rate read back from the optimizer."""

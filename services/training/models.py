@@ -205,14 +205,34 @@ def load_tokenizer(info: BaseModelInfo) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_model(info: BaseModelInfo, device: torch.device) -> PreTrainedModel:
-    """The model in float32 on `device`, from local files only."""
+def load_model(
+    info: BaseModelInfo,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    *,
+    four_bit: bool = False,
+) -> PreTrainedModel:
+    """The model on `device`, from local files only, its weights read straight into `dtype`
+    (never materialised in another dtype first) and, on a GPU, straight onto the device; with
+    `four_bit`, its linear layers in NF4 (bitsandbytes, CUDA only) computing in `dtype`."""
     from transformers import AutoModelForCausalLM
 
+    options: dict[str, Any] = {"dtype": dtype}
+    if device.type == "cuda":
+        options["device_map"] = {"": device.index or 0}
+    if four_bit:
+        from transformers import BitsAndBytesConfig
+
+        options["quantization_config"] = BitsAndBytesConfig(  # type: ignore[no-untyped-call]
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
     try:
         with quiet_progress(), _quiet_load_report():
             loaded: Any = AutoModelForCausalLM.from_pretrained(
-                info.path, local_files_only=True, dtype=torch.float32, output_loading_info=True
+                info.path, local_files_only=True, output_loading_info=True, **options
             )
     except torch.cuda.OutOfMemoryError:
         raise  # not a broken model: the person needs a smaller one or a bigger device
@@ -231,5 +251,7 @@ def load_model(info: BaseModelInfo, device: torch.device) -> PreTrainedModel:
             )
             reason = f"its weights do not match its config.json ({kind.replace('_', ' ')}: {shown})"
             raise _unloadable(info, ValueError(reason))
+    if "device_map" in options:
+        return model  # type: ignore[no-any-return]
     # transformers' typing of `.to` rejects a torch.device it accepts at run time
     return model.to(device)  # type: ignore[arg-type, no-any-return]

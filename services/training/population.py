@@ -21,8 +21,14 @@ from typing import Any
 import torch
 
 from services.api import training_pb2
-from services.api.codec import event_from_dict, event_to_dict, now_timestamp
-from services.api.run_config import RunConfig, adaptive_weights, auto_stop
+from services.api.codec import event_from_dict, event_to_dict, message_to_dict, now_timestamp
+from services.api.run_config import (
+    RunConfig,
+    adaptive_weights,
+    auto_stop,
+    config_from_dict,
+    config_to_dict,
+)
 from services.core.adaptive_weights import adjust_weights, lr_multipliers, population_loss
 from services.core.auto_stop import auto_stop_step
 from services.core.errors import ArtifactError, InvalidInput, NotFound, OneSeekError
@@ -40,6 +46,7 @@ from services.training.data import Dataset, split_dataset
 from services.training.events import EventLog, read_events
 from services.training.member import PopulationMember
 from services.training.member import StepInfo as StepInfo
+from services.training.memory_plan import plan_members
 from services.training.models import BaseModelInfo
 from services.training.run_folder import RunFolder, RunSummary
 
@@ -113,7 +120,8 @@ class Population:
         self.events.emit("epoch_start", start)
         losses: dict[str, float] = {}
         for member in self.members:
-            loss = member.train_epoch(epoch, self.stop.is_set, partial(self._stepped, member))
+            with member.turn():
+                loss = member.train_epoch(epoch, self.stop.is_set, partial(self._stepped, member))
             if loss is None:
                 return None
             losses[member.name] = loss
@@ -154,7 +162,10 @@ class Population:
         Returns the progress after the epoch, its announcement stamped but not sent (it goes
         out once the progress is durable: `announce`), and the members that improved."""
         cfg, before = self.config, self.progress
-        val_losses = {member.name: member.validate() for member in self.members}
+        val_losses = {}
+        for member in self.members:
+            with member.turn():
+                val_losses[member.name] = member.validate()
         for name, value in (*train_losses.items(), *val_losses.items()):
             if not math.isfinite(value):
                 raise diverged(name, epoch, value)
@@ -242,7 +253,7 @@ class TrainingRun:
         events: EventLog,
         stop: threading.Event | None = None,
         on_step: Callable[[StepInfo], None] | None = None,
-        device: torch.device | None = None,
+        placements: Sequence[training_pb2.Placement] | None = None,
         resume_from: Path | None = None,
     ) -> None:
         self.config = config
@@ -252,7 +263,7 @@ class TrainingRun:
         self.folder = folder
         self.events = events
         self.stop = stop or threading.Event()
-        self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.placements = list(placements) if placements is not None else None
         self.resume_from = resume_from
         names = [info.name for info in self.infos]
         progress = TrainingProgress.start(run_id, config, dataset.sha256, names)
@@ -261,12 +272,16 @@ class TrainingRun:
         self._started = time.monotonic()
 
     def prepare(self) -> None:
-        """Splits the data and loads every member (done first, bad input fails up front)."""
+        """Plans the members' memory (unless planned already), splits the data and loads every
+        member (done first: bad input fails up front)."""
         cfg = self.config
+        if self.placements is None:
+            self.placements = plan_members(cfg, self.infos, self.dataset.records)
         train, validation = split_dataset(self.dataset.records, cfg.validation_split, cfg.seed)
         self.split_counts = (len(train), len(validation))
+        where = {placement.model: placement for placement in self.placements}
         self.population.members = [
-            PopulationMember(cfg, info, train, validation, self.device) for info in self.infos
+            PopulationMember(cfg, info, train, validation, where[info.name]) for info in self.infos
         ]
 
     def run(self) -> RunSummary:
@@ -327,7 +342,9 @@ class TrainingRun:
         checkpoint = read_checkpoint(path)
         saved = TrainingProgress.from_dict(checkpoint.state)
         current = self.population.progress
-        if (saved.models, saved.config) != (current.models, current.config):
+        # read through the current RunConfig: a checkpoint older than a setting holds none
+        settings = config_to_dict(config_from_dict(saved.config))
+        if (saved.models, settings) != (current.models, current.config):
             raise CheckpointMismatch(
                 f"The checkpoint {checkpoint.path} was written for other models or settings "
                 "than this run's; it cannot be resumed from. Start a new run."
@@ -365,7 +382,7 @@ class TrainingRun:
             duration_seconds=self._elapsed(),
             dataset=self.dataset.summary(*self.split_counts),
             base_models=list(self.infos),
-            device=str(self.device),
+            placements=[message_to_dict(p) for p in self.placements or ()],
             progress=self.population.progress,
         )
 

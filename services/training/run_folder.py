@@ -57,7 +57,8 @@ class RunSummary:
     dataset: dict[str, Any]
     """`Dataset.summary()`: id, sha256 and record counts."""
     base_models: list[BaseModelInfo]
-    device: str
+    placements: list[dict[str, Any]]
+    """The memory plan: each member's Placement in the documented JSON shape."""
     progress: TrainingProgress
     """The population's at the end: history, adjustments, best epochs, final weights."""
     dna: str | None = None
@@ -265,8 +266,9 @@ class RunFolder:
             "final_lr_multipliers": summary.final_lr_multipliers,
             "final_total_loss": last["total_loss"] if last else None,
             "auto_stop_info": last["auto_stop_info"] if last else None,
+            "placement": summary.placements,
             "environment": {
-                "device": summary.device,
+                "device": ", ".join(sorted({p["device"] for p in summary.placements})) or "cpu",
                 "python": platform.python_version(),
                 "torch": torch.__version__,
                 "transformers": transformers.__version__,

@@ -25,6 +25,7 @@ from services.training.checkpoints import latest_checkpoint
 from services.training.data import load_dataset
 from services.training.events import read_events
 from services.training.hub import Event, EventHub, RunRecord
+from services.training.memory_plan import planned_models
 from services.training.models import resolve_models
 from services.training.run_folder import RunFolder
 from services.training.worker import WorkerHandle
@@ -144,10 +145,11 @@ class TrainingService:
         return record
 
     def _resolve(self, config: RunConfig) -> list[dict[str, Any]]:
-        """The run's base models, as found now; its dataset must load (bad records refused)."""
+        """The run's base models, as found now, each placed by the memory plan; its dataset
+        must load (bad records refused), and the run must fit this machine."""
         models = resolve_models(list(config.base_models), self.models_root)
-        load_dataset(config.dataset_id, self.datasets_root)
-        return [m.to_dict() for m in models]
+        dataset = load_dataset(config.dataset_id, self.datasets_root)
+        return planned_models(config, models, dataset.records)
 
     def _create_folder(self, config: RunConfig, models: list[dict[str, Any]]) -> RunFolder:
         root = certified_root(self.models_root)
@@ -163,6 +165,7 @@ class TrainingService:
             "config": config_to_dict(record.config),
             "run_dir": str(record.folder.path),
             "models_root": str(self.models_root),
+            "models": record.models,
             "datasets_root": str(self.datasets_root),
             "start_seq": start_seq,
             "resume_from": str(resume_from) if resume_from is not None else None,
@@ -214,8 +217,12 @@ class TrainingService:
     def _resume_point(self, record: RunRecord) -> tuple[int, Path | None]:
         """(last completed epoch, its checkpoint folder); the run's models and dataset must
         still be there, unchanged."""
-        resolve_models(list(record.config.base_models), self.models_root)
+        models = resolve_models(list(record.config.base_models), self.models_root)
         dataset = load_dataset(record.config.dataset_id, self.datasets_root)
+        # planned afresh: the machine's free memory, even its GPUs, may have changed
+        record.models = planned_models(record.config, models, dataset.records)
+        record.state.models = record.model_infos()
+        record.folder.write_manifest(record.config, record.models)
         checkpoint = latest_checkpoint(record.folder.path)
         if checkpoint is None:
             if record.state.current_epoch:

@@ -36,6 +36,7 @@ def worker_main(spec: dict[str, Any], conn: Connection) -> None:
     from services.api.run_config import config_from_dict
     from services.training.data import load_dataset
     from services.training.events import EVENTS_FILE, EventLog
+    from services.training.memory_plan import placements_of
     from services.training.models import resolve_models
     from services.training.population import TrainingRun
     from services.training.run_folder import RunFolder
@@ -83,6 +84,7 @@ def worker_main(spec: dict[str, Any], conn: Connection) -> None:
             folder=folder,
             events=events,
             stop=stop,
+            placements=placements_of(spec.get("models", ())),
             resume_from=Path(resume_from) if resume_from else None,
         )
         run.run()  # a resumed run first sends what the log lacks of its last epoch

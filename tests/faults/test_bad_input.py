@@ -23,11 +23,13 @@ from urllib.parse import quote, urlsplit
 import aiohttp
 import grpc
 import pytest
+import torch
 from google.protobuf.message import Message
 from yarl import URL
 
 from services.api import metrics_pb2, metrics_pb2_grpc, training_pb2, training_pb2_grpc
 from services.api.runtime import FIELD_METADATA_KEY
+from tests.conftest import long_records
 from tests.faults.suite import ADMIN, REPORTER, Suite, running_suite, tree
 
 pytestmark = pytest.mark.slow
@@ -192,6 +194,33 @@ REST_ROWS: list[Rest] = [
     bad_start("seed-negative", "seed", ("seed",), seed=-1),
     bad_start("seed-beyond-uint32", "seed", ("seed",), seed=2**32),
     bad_start("method-unknown", "method", ("method", "lora"), method="qlora"),
+    bad_start("precision-unknown", "precision", ("precision", "bf16"), precision="fp8"),
+    bad_start(
+        "quantization-4bit-full", "quantization", ("lora",), method="full", quantization="4bit"
+    ),
+    bad_start(
+        "checkpointing-not-a-flag",
+        "gradientCheckpointing",
+        ("gradientCheckpointing",),
+        gradientCheckpointing="yes",
+    ),
+    # batch 1024 x 4096 tokens: tens of GB of activations, refused by the memory plan
+    bad_start(
+        "too-big-to-fit",
+        "baseModels",
+        ("tiny-llama", "needs about", "would fit with"),
+        datasetId="long",
+        batchSize=1024,
+        maxSeqLength=4096,
+    ),
+    *(
+        [
+            bad_start("fp16-without-cuda", "precision", ("fp16", "cuda"), precision="fp16"),
+            bad_start("4bit-without-cuda", "quantization", ("4bit", "cuda"), quantization="4bit"),
+        ]
+        if not torch.cuda.is_available()
+        else []
+    ),
     bad_start("batch-size-huge", "batchSize", ("batchsize",), batchSize=10**9),
     bad_start("max-seq-length-tiny", "maxSeqLength", ("maxseqlength",), maxSeqLength=4),
     bad_start("lora-dropout-one", "loraDropout", ("loradropout",), loraDropout=1.0),
@@ -657,6 +686,7 @@ class World:
 def world(tmp_path_factory: pytest.TempPathFactory, demo_models_dir: Path) -> Iterator[World]:
     root = tmp_path_factory.mktemp("bad-input")
     with running_suite(root, demo_models_dir) as suite:
+        (Path(suite.env["DATASETS_DIR"]) / "long.jsonl").write_text(long_records(1024, 4200))
         before = tree(root, skip=suite.models_dir)
         yield World(suite, before, tmp_path_factory.getbasetemp())
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from services.api import training_pb2
 from services.api.codec import event_to_dict
-from services.api.run_config import config_from_body
+from services.api.run_config import ADDED_LATER, config_from_body
 from services.core.layout import certified_root
 from services.core.verify import verify_run_folder
 from services.training import checkpoints
@@ -506,3 +506,32 @@ def test_a_death_right_after_an_epoch_end_does_not_train_the_epoch_again(
     assert first_end == event_to_dict(on_disk[-1])  # the logged one stands, not a second
     live = json.loads((run_dir / "live_metrics.json").read_text())
     assert live["status"] == "completed" and live["current_epoch"] == 3
+
+
+@pytest.mark.slow
+def test_a_checkpoint_older_than_the_memory_options_resumes(
+    workspace: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A run checkpointed before precision, gradientCheckpointing and quantization existed
+    (its run.json and state.json lack them) resumes as the fp32 run it was."""
+    monkeypatch.setenv("ONESEEK_STATE_DIR", str(tmp_path))
+    monkeypatch.delenv("LEDGER_URL", raising=False)
+    run_id, seen = "run-20260201-000009", []
+
+    def cut(info: StepInfo) -> None:
+        if info.epoch == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        trainer_for(workspace, run_id, sink=seen, on_step=cut, names=["tiny-gpt2"]).run()
+    run_dir = certified_root(workspace[0]) / run_id
+    checkpoint = latest_checkpoint(run_dir)
+    assert checkpoint is not None and checkpoint.epoch == 1
+    for path, at in ((checkpoint.path / "state.json", "config"), (run_dir / "run.json", "config")):
+        data = json.loads(path.read_text())
+        for key in ADDED_LATER:
+            del data[at][key]
+        path.write_text(json.dumps(data))
+    resumed = resume_latest(workspace, run_id, seen, names=["tiny-gpt2"], precision="fp32")
+    assert resumed.status == training_pb2.RUN_STATUS_COMPLETED, resumed.error
+    assert resumed.config.precision == training_pb2.PRECISION_FP32

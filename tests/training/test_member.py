@@ -25,12 +25,12 @@ from services.training.checkpoints import (
     save_checkpoint,
 )
 from services.training.data import Record, load_dataset, split_dataset
-from services.training.member import PopulationMember, StepInfo
+from services.training.member import PopulationMember, StepInfo, cpu_placement
 from services.training.models import BaseModelInfo, resolve_models
 from services.training.run_folder import RunSummary
 
 REPO = Path(__file__).resolve().parents[2]
-CPU = torch.device("cpu")
+CPU = cpu_placement()
 Plain = tuple[RunConfig, BaseModelInfo, list[Record], list[Record]]
 
 
@@ -217,7 +217,7 @@ def test_the_summary_round_trips_through_json() -> None:
         duration_seconds=12.5,
         dataset={"id": "small", "sha256": "ab" * 32, "records": 24},
         base_models=[info],
-        device="cpu",
+        placements=[{"model": "a", "device": "cpu", "precision": "fp32"}],
         progress=a_progress(),
         error="Disk or file error",
         resumable=True,

@@ -70,6 +70,48 @@ TRAINING_METHOD_LORA: TrainingMethod.ValueType  # 1
 TRAINING_METHOD_FULL: TrainingMethod.ValueType  # 2
 Global___TrainingMethod: _TypeAlias = TrainingMethod  # noqa: Y015
 
+class _Precision:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PrecisionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Precision.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PRECISION_UNSPECIFIED: _Precision.ValueType  # 0
+    PRECISION_AUTO: _Precision.ValueType  # 1
+    PRECISION_FP32: _Precision.ValueType  # 2
+    PRECISION_BF16: _Precision.ValueType  # 3
+    PRECISION_FP16: _Precision.ValueType  # 4
+
+class Precision(_Precision, metaclass=_PrecisionEnumTypeWrapper):
+    """What members compute in. AUTO: bf16 on a CUDA device that supports it, fp16 (with loss
+    scaling) on one that does not, fp32 on a CPU.
+    """
+
+PRECISION_UNSPECIFIED: Precision.ValueType  # 0
+PRECISION_AUTO: Precision.ValueType  # 1
+PRECISION_FP32: Precision.ValueType  # 2
+PRECISION_BF16: Precision.ValueType  # 3
+PRECISION_FP16: Precision.ValueType  # 4
+Global___Precision: _TypeAlias = Precision  # noqa: Y015
+
+class _Quantization:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _QuantizationEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Quantization.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    QUANTIZATION_UNSPECIFIED: _Quantization.ValueType  # 0
+    QUANTIZATION_NONE: _Quantization.ValueType  # 1
+    QUANTIZATION_4BIT: _Quantization.ValueType  # 2
+
+class Quantization(_Quantization, metaclass=_QuantizationEnumTypeWrapper):
+    """How a LoRA run stores its frozen base model. 4BIT: NF4 through bitsandbytes (QLoRA), CUDA only."""
+
+QUANTIZATION_UNSPECIFIED: Quantization.ValueType  # 0
+QUANTIZATION_NONE: Quantization.ValueType  # 1
+QUANTIZATION_4BIT: Quantization.ValueType  # 2
+Global___Quantization: _TypeAlias = Quantization  # noqa: Y015
+
 @_typing.final
 class AdaptiveWeightsConfig(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -154,6 +196,9 @@ class RunConfig(_message.Message):
     REFRESH_INTERVAL_FIELD_NUMBER: _builtins.int
     ADAPTIVE_WEIGHTS_FIELD_NUMBER: _builtins.int
     AUTO_STOP_FIELD_NUMBER: _builtins.int
+    PRECISION_FIELD_NUMBER: _builtins.int
+    GRADIENT_CHECKPOINTING_FIELD_NUMBER: _builtins.int
+    QUANTIZATION_FIELD_NUMBER: _builtins.int
     dataset_id: _builtins.str
     epochs: _builtins.int
     learning_rate: _builtins.float
@@ -167,6 +212,9 @@ class RunConfig(_message.Message):
     validation_split: _builtins.float
     weight_decay: _builtins.float
     refresh_interval: _builtins.float
+    precision: Global___Precision.ValueType
+    gradient_checkpointing: _builtins.bool
+    quantization: Global___Quantization.ValueType
     @_builtins.property
     def base_models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -192,10 +240,13 @@ class RunConfig(_message.Message):
         refresh_interval: _builtins.float = ...,
         adaptive_weights: Global___AdaptiveWeightsConfig | None = ...,
         auto_stop: Global___AutoStopConfig | None = ...,
+        precision: Global___Precision.ValueType = ...,
+        gradient_checkpointing: _builtins.bool = ...,
+        quantization: Global___Quantization.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["adaptive_weights", b"adaptive_weights", "auto_stop", b"auto_stop"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adaptive_weights", b"adaptive_weights", "auto_stop", b"auto_stop", "base_models", b"base_models", "batch_size", b"batch_size", "dataset_id", b"dataset_id", "epochs", b"epochs", "learning_rate", b"learning_rate", "lora_alpha", b"lora_alpha", "lora_dropout", b"lora_dropout", "lora_rank", b"lora_rank", "max_seq_length", b"max_seq_length", "method", b"method", "refresh_interval", b"refresh_interval", "seed", b"seed", "validation_split", b"validation_split", "weight_decay", b"weight_decay"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adaptive_weights", b"adaptive_weights", "auto_stop", b"auto_stop", "base_models", b"base_models", "batch_size", b"batch_size", "dataset_id", b"dataset_id", "epochs", b"epochs", "gradient_checkpointing", b"gradient_checkpointing", "learning_rate", b"learning_rate", "lora_alpha", b"lora_alpha", "lora_dropout", b"lora_dropout", "lora_rank", b"lora_rank", "max_seq_length", b"max_seq_length", "method", b"method", "precision", b"precision", "quantization", b"quantization", "refresh_interval", b"refresh_interval", "seed", b"seed", "validation_split", b"validation_split", "weight_decay", b"weight_decay"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -223,6 +274,9 @@ class StartRunRequest(_message.Message):
     LORA_DROPOUT_FIELD_NUMBER: _builtins.int
     VALIDATION_SPLIT_FIELD_NUMBER: _builtins.int
     REFRESH_INTERVAL_FIELD_NUMBER: _builtins.int
+    PRECISION_FIELD_NUMBER: _builtins.int
+    GRADIENT_CHECKPOINTING_FIELD_NUMBER: _builtins.int
+    QUANTIZATION_FIELD_NUMBER: _builtins.int
     dataset_id: _builtins.str
     epochs: _builtins.int
     learning_rate: _builtins.float
@@ -238,6 +292,9 @@ class StartRunRequest(_message.Message):
     lora_dropout: _builtins.float
     validation_split: _builtins.float
     refresh_interval: _builtins.float
+    precision: Global___Precision.ValueType
+    gradient_checkpointing: _builtins.bool
+    quantization: Global___Quantization.ValueType
     @_builtins.property
     def base_models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -259,10 +316,13 @@ class StartRunRequest(_message.Message):
         lora_dropout: _builtins.float | None = ...,
         validation_split: _builtins.float | None = ...,
         refresh_interval: _builtins.float | None = ...,
+        precision: Global___Precision.ValueType = ...,
+        gradient_checkpointing: _builtins.bool | None = ...,
+        quantization: Global___Quantization.ValueType = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_auto_stop_patience", b"_auto_stop_patience", "_auto_stop_threshold", b"_auto_stop_threshold", "_batch_size", b"_batch_size", "_epochs", b"_epochs", "_learning_rate", b"_learning_rate", "_lora_alpha", b"_lora_alpha", "_lora_dropout", b"_lora_dropout", "_lora_rank", b"_lora_rank", "_max_seq_length", b"_max_seq_length", "_min_epochs", b"_min_epochs", "_refresh_interval", b"_refresh_interval", "_seed", b"_seed", "_validation_split", b"_validation_split", "auto_stop_patience", b"auto_stop_patience", "auto_stop_threshold", b"auto_stop_threshold", "batch_size", b"batch_size", "epochs", b"epochs", "learning_rate", b"learning_rate", "lora_alpha", b"lora_alpha", "lora_dropout", b"lora_dropout", "lora_rank", b"lora_rank", "max_seq_length", b"max_seq_length", "min_epochs", b"min_epochs", "refresh_interval", b"refresh_interval", "seed", b"seed", "validation_split", b"validation_split"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_auto_stop_patience", b"_auto_stop_patience", "_auto_stop_threshold", b"_auto_stop_threshold", "_batch_size", b"_batch_size", "_epochs", b"_epochs", "_gradient_checkpointing", b"_gradient_checkpointing", "_learning_rate", b"_learning_rate", "_lora_alpha", b"_lora_alpha", "_lora_dropout", b"_lora_dropout", "_lora_rank", b"_lora_rank", "_max_seq_length", b"_max_seq_length", "_min_epochs", b"_min_epochs", "_refresh_interval", b"_refresh_interval", "_seed", b"_seed", "_validation_split", b"_validation_split", "auto_stop_patience", b"auto_stop_patience", "auto_stop_threshold", b"auto_stop_threshold", "batch_size", b"batch_size", "epochs", b"epochs", "gradient_checkpointing", b"gradient_checkpointing", "learning_rate", b"learning_rate", "lora_alpha", b"lora_alpha", "lora_dropout", b"lora_dropout", "lora_rank", b"lora_rank", "max_seq_length", b"max_seq_length", "min_epochs", b"min_epochs", "refresh_interval", b"refresh_interval", "seed", b"seed", "validation_split", b"validation_split"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_auto_stop_patience", b"_auto_stop_patience", "_auto_stop_threshold", b"_auto_stop_threshold", "_batch_size", b"_batch_size", "_epochs", b"_epochs", "_learning_rate", b"_learning_rate", "_lora_alpha", b"_lora_alpha", "_lora_dropout", b"_lora_dropout", "_lora_rank", b"_lora_rank", "_max_seq_length", b"_max_seq_length", "_min_epochs", b"_min_epochs", "_refresh_interval", b"_refresh_interval", "_seed", b"_seed", "_validation_split", b"_validation_split", "auto_stop_patience", b"auto_stop_patience", "auto_stop_threshold", b"auto_stop_threshold", "base_models", b"base_models", "batch_size", b"batch_size", "dataset_id", b"dataset_id", "epochs", b"epochs", "learning_rate", b"learning_rate", "lora_alpha", b"lora_alpha", "lora_dropout", b"lora_dropout", "lora_rank", b"lora_rank", "max_seq_length", b"max_seq_length", "method", b"method", "min_epochs", b"min_epochs", "refresh_interval", b"refresh_interval", "seed", b"seed", "validation_split", b"validation_split"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_auto_stop_patience", b"_auto_stop_patience", "_auto_stop_threshold", b"_auto_stop_threshold", "_batch_size", b"_batch_size", "_epochs", b"_epochs", "_gradient_checkpointing", b"_gradient_checkpointing", "_learning_rate", b"_learning_rate", "_lora_alpha", b"_lora_alpha", "_lora_dropout", b"_lora_dropout", "_lora_rank", b"_lora_rank", "_max_seq_length", b"_max_seq_length", "_min_epochs", b"_min_epochs", "_refresh_interval", b"_refresh_interval", "_seed", b"_seed", "_validation_split", b"_validation_split", "auto_stop_patience", b"auto_stop_patience", "auto_stop_threshold", b"auto_stop_threshold", "base_models", b"base_models", "batch_size", b"batch_size", "dataset_id", b"dataset_id", "epochs", b"epochs", "gradient_checkpointing", b"gradient_checkpointing", "learning_rate", b"learning_rate", "lora_alpha", b"lora_alpha", "lora_dropout", b"lora_dropout", "lora_rank", b"lora_rank", "max_seq_length", b"max_seq_length", "method", b"method", "min_epochs", b"min_epochs", "precision", b"precision", "quantization", b"quantization", "refresh_interval", b"refresh_interval", "seed", b"seed", "validation_split", b"validation_split"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__auto_stop_patience: _TypeAlias = _typing.Literal["auto_stop_patience"]  # noqa: Y015
     _WhichOneofArgType__auto_stop_patience: _TypeAlias = _typing.Literal["_auto_stop_patience", b"_auto_stop_patience"]  # noqa: Y015
@@ -272,6 +332,8 @@ class StartRunRequest(_message.Message):
     _WhichOneofArgType__batch_size: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size"]  # noqa: Y015
     _WhichOneofReturnType__epochs: _TypeAlias = _typing.Literal["epochs"]  # noqa: Y015
     _WhichOneofArgType__epochs: _TypeAlias = _typing.Literal["_epochs", b"_epochs"]  # noqa: Y015
+    _WhichOneofReturnType__gradient_checkpointing: _TypeAlias = _typing.Literal["gradient_checkpointing"]  # noqa: Y015
+    _WhichOneofArgType__gradient_checkpointing: _TypeAlias = _typing.Literal["_gradient_checkpointing", b"_gradient_checkpointing"]  # noqa: Y015
     _WhichOneofReturnType__learning_rate: _TypeAlias = _typing.Literal["learning_rate"]  # noqa: Y015
     _WhichOneofArgType__learning_rate: _TypeAlias = _typing.Literal["_learning_rate", b"_learning_rate"]  # noqa: Y015
     _WhichOneofReturnType__lora_alpha: _TypeAlias = _typing.Literal["lora_alpha"]  # noqa: Y015
@@ -298,6 +360,8 @@ class StartRunRequest(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__batch_size) -> _WhichOneofReturnType__batch_size | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__epochs) -> _WhichOneofReturnType__epochs | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__gradient_checkpointing) -> _WhichOneofReturnType__gradient_checkpointing | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__learning_rate) -> _WhichOneofReturnType__learning_rate | None: ...
     @_typing.overload
@@ -368,10 +432,15 @@ class ModelInfo(_message.Message):
     ARCHITECTURE_FIELD_NUMBER: _builtins.int
     MODEL_TYPE_FIELD_NUMBER: _builtins.int
     PARAMETER_COUNT_FIELD_NUMBER: _builtins.int
+    PLACEMENT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     architecture: _builtins.str
     model_type: _builtins.str
     parameter_count: _builtins.int
+    @_builtins.property
+    def placement(self) -> Global___Placement:
+        """Where the run trains this model (a run's models only; absent in ListModels)."""
+
     def __init__(
         self,
         *,
@@ -379,14 +448,66 @@ class ModelInfo(_message.Message):
         architecture: _builtins.str = ...,
         model_type: _builtins.str = ...,
         parameter_count: _builtins.int = ...,
+        placement: Global___Placement | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["placement", b"placement"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "model_type", b"model_type", "name", b"name", "parameter_count", b"parameter_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "model_type", b"model_type", "name", b"name", "parameter_count", b"parameter_count", "placement", b"placement"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelInfo: _TypeAlias = ModelInfo  # noqa: Y015
+
+@_typing.final
+class Placement(_message.Message):
+    """One member of a run as the memory plan places it, made before any weight is loaded."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    DEVICE_FIELD_NUMBER: _builtins.int
+    PRECISION_FIELD_NUMBER: _builtins.int
+    ESTIMATED_BYTES_FIELD_NUMBER: _builtins.int
+    WEIGHT_BYTES_FIELD_NUMBER: _builtins.int
+    GRADIENT_BYTES_FIELD_NUMBER: _builtins.int
+    OPTIMIZER_BYTES_FIELD_NUMBER: _builtins.int
+    ACTIVATION_BYTES_FIELD_NUMBER: _builtins.int
+    OFFLOADED_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    device: _builtins.str
+    """The device it trains on: "cuda:0", "cuda:1", ... or "cpu"."""
+    precision: Global___Precision.ValueType
+    """What it computes in there: the run's precision, AUTO resolved for that device."""
+    estimated_bytes: _builtins.int
+    """The plan's estimate of its peak memory while it trains, in bytes: the sum of the four below."""
+    weight_bytes: _builtins.int
+    gradient_bytes: _builtins.int
+    optimizer_bytes: _builtins.int
+    activation_bytes: _builtins.int
+    offloaded: _builtins.bool
+    """Held in host memory between its turns and moved onto `device` for its own, because the
+    members together do not fit there.
+    """
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        device: _builtins.str = ...,
+        precision: Global___Precision.ValueType = ...,
+        estimated_bytes: _builtins.int = ...,
+        weight_bytes: _builtins.int = ...,
+        gradient_bytes: _builtins.int = ...,
+        optimizer_bytes: _builtins.int = ...,
+        activation_bytes: _builtins.int = ...,
+        offloaded: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activation_bytes", b"activation_bytes", "device", b"device", "estimated_bytes", b"estimated_bytes", "gradient_bytes", b"gradient_bytes", "model", b"model", "offloaded", b"offloaded", "optimizer_bytes", b"optimizer_bytes", "precision", b"precision", "weight_bytes", b"weight_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Placement: _TypeAlias = Placement  # noqa: Y015
 
 @_typing.final
 class Run(_message.Message):
@@ -1432,6 +1553,7 @@ class RunMetrics(_message.Message):
     PROGRESS_PERCENT_FIELD_NUMBER: _builtins.int
     TIMESTAMP_FIELD_NUMBER: _builtins.int
     TRAINING_HISTORY_FIELD_NUMBER: _builtins.int
+    PLACEMENT_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     status: Global___RunStatus.ValueType
     current_epoch: _builtins.int
@@ -1452,6 +1574,10 @@ class RunMetrics(_message.Message):
     def training_history(self) -> _containers.RepeatedCompositeFieldContainer[Global___EpochEnd]:
         """Every epoch_end payload so far."""
 
+    @_builtins.property
+    def placement(self) -> _containers.RepeatedCompositeFieldContainer[Global___Placement]:
+        """Each member's device and estimated peak memory (the run's memory plan)."""
+
     def __init__(
         self,
         *,
@@ -1467,10 +1593,11 @@ class RunMetrics(_message.Message):
         progress_percent: _builtins.float = ...,
         timestamp: _timestamp_pb2.Timestamp | None = ...,
         training_history: _abc.Iterable[Global___EpochEnd] | None = ...,
+        placement: _abc.Iterable[Global___Placement] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_total_loss", b"_total_loss", "auto_stop_info", b"auto_stop_info", "timestamp", b"timestamp", "total_loss", b"total_loss"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_total_loss", b"_total_loss", "auto_stop_info", b"auto_stop_info", "current_epoch", b"current_epoch", "lr_multipliers", b"lr_multipliers", "progress_percent", b"progress_percent", "run_id", b"run_id", "status", b"status", "timestamp", b"timestamp", "total_epochs", b"total_epochs", "total_loss", b"total_loss", "training_history", b"training_history", "val_losses", b"val_losses", "weights", b"weights"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_total_loss", b"_total_loss", "auto_stop_info", b"auto_stop_info", "current_epoch", b"current_epoch", "lr_multipliers", b"lr_multipliers", "placement", b"placement", "progress_percent", b"progress_percent", "run_id", b"run_id", "status", b"status", "timestamp", b"timestamp", "total_epochs", b"total_epochs", "total_loss", b"total_loss", "training_history", b"training_history", "val_losses", b"val_losses", "weights", b"weights"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__total_loss: _TypeAlias = _typing.Literal["total_loss"]  # noqa: Y015
     _WhichOneofArgType__total_loss: _TypeAlias = _typing.Literal["_total_loss", b"_total_loss"]  # noqa: Y015

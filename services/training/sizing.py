@@ -1,0 +1,340 @@
+"""How much memory one member will need to train, known before any weight is loaded.
+
+The parameter counts come from the model class itself, built from `config.json` on the meta
+device (no memory, no weights); the activations from proxies of the same class: the same
+config shrunk to a few small layers, wrapped and typed as the run will wrap and type the real
+one, whose forward pass is run on the CPU while every tensor it keeps for the backward pass is
+counted. What a layer keeps grows linearly with its width and with the tokens of a batch, so
+the proxies' counts scale to the real model exactly where the architecture says so.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from services.api import training_pb2
+from services.api.run_config import RunConfig, is_lora
+from services.core.errors import InvalidInput
+from services.training.precision import BYTES, Numerics
+
+log = logging.getLogger("oneseek.training.sizing")
+
+PROXY_HEAD_DIM = 8
+"""Width of each attention head in a proxy: the proxy keeps the real head count."""
+PROXY_VOCAB = 256
+PROXY_BATCH, PROXY_SEQ = 2, 16
+NF4_BYTES = 0.5 + 4 / 64 / 256 * 2 + 4 / 64 / 4
+"""Bytes per 4-bit weight: its nibble, the 8-bit absmax of each 64-block quantized again in
+blocks of 256 (double quantization), and a little slack for bitsandbytes' per-tensor state."""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """A base model's sizes as its class builds it from config.json."""
+
+    parameters: int
+    """Every parameter; a tied one (input and output embeddings) once."""
+    quantizable: int
+    """The parameters of its linear layers but the output head: what 4-bit stores in NF4."""
+    lora_parameters: int
+    """The adapter parameters a LoRA of rank 1 adds (a rank-r adapter adds r times as many)."""
+    hidden_size: int
+    layers: int
+    vocab_size: int
+
+
+def _config(path: Path) -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path, local_files_only=True)
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _build(config: Any, device: str | torch.device) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    with torch.device(device), _quiet():
+        return AutoModelForCausalLM.from_config(config)  # type: ignore[no-any-return, no-untyped-call]
+
+
+def _linear_parameters(model: nn.Module) -> int:
+    from transformers.pytorch_utils import Conv1D
+
+    output_embeddings = getattr(model, "get_output_embeddings", None)
+    head = output_embeddings() if callable(output_embeddings) else None
+    total = 0
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, Conv1D)) and module is not head:
+            total += sum(p.numel() for p in module.parameters(recurse=False))
+    return total
+
+
+def model_shape(path: Path) -> ModelShape:
+    """The sizes of the model in folder `path`, from its config.json alone; InvalidInput
+    (baseModels) when its class cannot be built from it."""
+    try:
+        return _shape(str(Path(path).resolve()), (Path(path) / "config.json").stat().st_mtime_ns)
+    except Exception as error:  # an unknown model_type, a config its class rejects, ...
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        raise InvalidInput(
+            f"Base model '{Path(path).name}' cannot be sized from its config.json: {reason}",
+            field="baseModels",
+        ) from error
+
+
+@lru_cache(maxsize=64)
+def _shape(path: str, _mtime: int) -> ModelShape:
+    from services.training.member import wrap_model
+
+    config = _config(Path(path))
+    model = _build(config, "meta")
+    parameters = sum(p.numel() for p in model.parameters())
+    quantizable = _linear_parameters(model)
+    run = RunConfig(method=training_pb2.TRAINING_METHOD_LORA, lora_rank=1, lora_alpha=1)
+    with _quiet():
+        wrapped = wrap_model(run, model)
+    lora = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
+    return ModelShape(
+        parameters=parameters,
+        quantizable=quantizable,
+        lora_parameters=lora,
+        hidden_size=int(config.hidden_size),
+        layers=int(config.num_hidden_layers),
+        vocab_size=int(config.vocab_size),
+    )
+
+
+# ---- activations ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ActivationProfile:
+    """Bytes a forward pass keeps for the backward pass, per token of a batch."""
+
+    per_layer: float
+    """Kept by each decoder layer."""
+    per_vocab_entry: float
+    """Kept per entry of the vocabulary (the logits and their log-softmax)."""
+    rest: float
+    """Kept outside the layers and the logits (embeddings, the final norm)."""
+
+
+def _proxy(config: Any, layers: int, vocab: int) -> tuple[Any, float]:
+    """`config` shrunk to `layers` layers, `vocab` entries and heads PROXY_HEAD_DIM wide; and
+    how many times wider the real model's layers are."""
+    proxy = copy.deepcopy(config)
+    heads = int(config.num_attention_heads)
+    width = min(int(config.hidden_size), heads * PROXY_HEAD_DIM)
+    scale = config.hidden_size / width
+    proxy.hidden_size = width
+    if getattr(config, "head_dim", None):
+        proxy.head_dim = max(2, round(config.head_dim / scale))
+    for name in ("intermediate_size", "n_inner"):
+        value = getattr(config, name, None)
+        if value:
+            setattr(proxy, name, max(1, round(value / scale)))
+    real_layers = int(config.num_hidden_layers)
+    for name, value in config.to_dict().items():  # per-layer lists, e.g. layer_types
+        if isinstance(value, list) and len(value) == real_layers and name != "architectures":
+            setattr(proxy, name, value[:layers])
+    proxy.num_hidden_layers = layers
+    proxy.vocab_size = vocab
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        if getattr(proxy, name, None) is not None:
+            setattr(proxy, name, 0)
+    proxy.use_cache = False
+    return proxy, scale
+
+
+def _saved_bytes(model: nn.Module, numerics: Numerics, vocab: int, batch: int) -> int:
+    """Bytes of every distinct tensor a training forward pass of `batch` examples of
+    PROXY_SEQ tokens keeps, the parameters aside."""
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, PROXY_SEQ), generator=generator)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    model.train()
+    hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+    with hooks, _quiet(), numerics.autocast():
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
+    return sum(kept.values())
+
+
+def _per_token(model: nn.Module, numerics: Numerics, vocab: int) -> float:
+    """What the forward pass keeps per token: the growth from one batch size to twice it, so
+    what it keeps once per pass (autocast's 16-bit copies of the weights) is left out."""
+    small = _saved_bytes(model, numerics, vocab, PROXY_BATCH)
+    large = _saved_bytes(model, numerics, vocab, 2 * PROXY_BATCH)
+    return (large - small) / (PROXY_BATCH * PROXY_SEQ)
+
+
+def _typed(model: nn.Module, run: RunConfig, numerics: Numerics) -> nn.Module:
+    from services.training.member import wrap_model
+
+    model = model.to(numerics.load_dtype)
+    with _quiet():
+        model = wrap_model(run, model)
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+    return model
+
+
+def activation_profile(path: Path, run: RunConfig, numerics: Numerics) -> ActivationProfile:
+    """What a training forward pass of the model in `path` keeps per token, as the run trains
+    it (LoRA or full, its precision), without checkpointing."""
+    # what shapes the activations, and nothing else, so other settings share the proxies
+    wrapping = RunConfig(
+        method=run.method,
+        lora_rank=run.lora_rank,
+        lora_alpha=run.lora_alpha,
+        lora_dropout=run.lora_dropout,
+    )
+    # a 16-bit proxy runs on the CPU, where bf16 keeps exactly what fp16 keeps on a GPU
+    proxy = "fp32" if numerics.precision == "fp32" else "bf16"
+    mtime = (Path(path) / "config.json").stat().st_mtime_ns
+    try:
+        return _profile(
+            str(Path(path).resolve()), mtime, proxy, wrapping.SerializeToString(deterministic=True)
+        )
+    except Exception:  # a class whose proxy will not build or run: estimate from its widths
+        log.warning("no proxy of %s could run; activations estimated from its widths", path)
+        return profile_from_widths(_config(Path(path)), numerics)
+
+
+def profile_from_widths(config: Any, numerics: Numerics) -> ActivationProfile:
+    """What a Llama-style decoder layer keeps per token, from its widths: about 10 hidden-wide
+    and 4 MLP-wide tensors in the compute dtype, the k/v projections, and the norms' fp32
+    copies (fitted to the proxies of the demo architectures)."""
+    compute = BYTES[numerics.precision]
+    hidden = int(config.hidden_size)
+    inner = int(getattr(config, "intermediate_size", None) or 4 * hidden)
+    heads = int(config.num_attention_heads)
+    kv = int(getattr(config, "num_key_value_heads", None) or heads) * (hidden // heads)
+    return ActivationProfile(
+        per_layer=compute * (10.3 * hidden + 2 * kv + 4.2 * inner) + 8.4 * hidden,
+        per_vocab_entry=4.0,
+        rest=(2 * compute + 8) * hidden,
+    )
+
+
+@lru_cache(maxsize=64)
+def _profile(path: str, _mtime: int, precision: str, wrapping: bytes) -> ActivationProfile:
+    run = RunConfig.FromString(wrapping)
+    proxy_numerics = Numerics(precision, "cpu", is_lora(run))
+    config = _config(Path(path))
+    counts = {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        for layers, vocab in ((1, PROXY_VOCAB), (2, PROXY_VOCAB), (1, 2 * PROXY_VOCAB)):
+            proxy, scale = _proxy(config, layers, vocab)
+            model = _typed(_build(proxy, "cpu"), run, proxy_numerics)
+            counts[layers, vocab] = _per_token(model, proxy_numerics, vocab)
+    per_layer = counts[2, PROXY_VOCAB] - counts[1, PROXY_VOCAB]
+    per_entry = (counts[1, 2 * PROXY_VOCAB] - counts[1, PROXY_VOCAB]) / PROXY_VOCAB
+    rest = counts[1, PROXY_VOCAB] - per_layer - per_entry * PROXY_VOCAB
+    return ActivationProfile(
+        per_layer=max(0.0, per_layer) * scale,
+        per_vocab_entry=max(0.0, per_entry),
+        rest=max(0.0, rest) * scale,
+    )
+
+
+# ---- one member's need ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """One member's estimated peak while it trains, by part, in bytes."""
+
+    weights: int
+    """Its parameters as stored: base and adapters, or the fp32 master weights."""
+    gradients: int
+    optimizer: int
+    """AdamW's two moments of every trainable parameter, fp32."""
+    activations: int
+    """What the forward pass keeps plus the backward pass's working set, at the run's
+    largest batch."""
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+    @property
+    def resident(self) -> int:
+        """What stays between its turns: weights and optimizer state (gradients are freed after
+        each step, activations after each backward pass)."""
+        return self.weights + self.optimizer
+
+    @property
+    def transient(self) -> int:
+        return self.gradients + self.activations
+
+
+def estimate_member(
+    path: Path, run: RunConfig, numerics: Numerics, batch_tokens: tuple[int, int]
+) -> MemoryEstimate:
+    """The peak memory of training the model in `path` with `run`'s settings in `numerics`,
+    on batches of `batch_tokens` = (examples, tokens each) at most."""
+    shape = model_shape(path)
+    compute = BYTES[numerics.precision]
+    if is_lora(run):
+        trainable = shape.lora_parameters * run.lora_rank
+        if run.quantization == training_pb2.QUANTIZATION_4BIT:
+            # NF4 linear layers; the rest is kept in fp32 for a stable k-bit training
+            base = shape.quantizable * NF4_BYTES + (shape.parameters - shape.quantizable) * 4
+        else:
+            base = shape.parameters * compute
+        weights = int(base) + trainable * 4
+    else:
+        trainable = shape.parameters
+        weights = trainable * 4  # fp32 master weights whatever the compute precision
+    profile = activation_profile(path, run, numerics)
+    examples, length = batch_tokens
+    tokens = examples * length
+    per_token_layer = profile.per_layer
+    residual = 4 if numerics.load_dtype == torch.float32 else compute
+    if run.gradient_checkpointing:
+        # only each layer's input is kept; the backward pass recomputes one layer at a time
+        kept = shape.layers * shape.hidden_size * residual + per_token_layer
+    else:
+        kept = shape.layers * per_token_layer
+    kept += profile.rest + profile.per_vocab_entry * shape.vocab_size
+    # the backward pass: the logits' gradient (fp32, and its cast to the compute dtype) and
+    # the gradients flowing through one layer at a time
+    working = shape.vocab_size * (4 + (compute if numerics.mixed else 0)) + per_token_layer
+    activations = math.ceil(tokens * (kept + working))
+    if numerics.mixed and not is_lora(run):
+        # autocast keeps a 16-bit copy of each fp32 weight it multiplies until the backward pass
+        activations += shape.quantizable * compute
+    return MemoryEstimate(
+        weights=weights,
+        gradients=trainable * 4,
+        optimizer=trainable * 8,
+        activations=activations,
+    )
