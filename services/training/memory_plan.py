@@ -352,8 +352,9 @@ def plan_run(
     raise InvalidInput(
         f"Model '{need.model}' needs about {human(need.peak)} to train (weights "
         f"{human(parts.weights)}, gradients {human(parts.gradients)}, optimizer state "
-        f"{human(parts.optimizer)}, activations {human(parts.activations)} at batch "
-        f"{config.batch_size}), which does not fit{where}: the largest free device is "
+        f"{human(parts.optimizer)}, activations {human(parts.activations)} for batches of "
+        f"{parts.batch[0]} × {parts.batch[1]} tokens), which does not fit{where}: the largest "
+        "free device is "
         f"{device.name} with {human(device.free)} usable. {remedy}",
         field="baseModels",
     )

@@ -280,6 +280,8 @@ class MemoryEstimate:
     activations: int
     """What the forward pass keeps plus the backward pass's working set, at the run's
     largest batch."""
+    batch: tuple[int, int] = (0, 0)
+    """That batch: (examples, tokens each)."""
 
     @property
     def total(self) -> int:
@@ -337,4 +339,5 @@ def estimate_member(
         gradients=trainable * 4,
         optimizer=trainable * 8,
         activations=activations,
+        batch=batch_tokens,
     )

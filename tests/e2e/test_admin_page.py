@@ -239,6 +239,11 @@ def test_a_run_started_from_the_page_streams_live_to_the_end(
         expect(row.locator(".rank-badge")).to_have_text(str(rank))
         expect(row.locator(".loss-value")).to_have_text(f"{final[name]:.4f}")
         expect(row.locator(".weight-value")).to_have_text(f"×{metrics['weights'][name]:.3f}")
+        # where the memory plan put it, as GET …/metrics says
+        (placed,) = [p for p in metrics["placement"] if p["model"] == name]
+        expect(row.locator(".device-name")).to_have_text(placed["device"])
+        mib = placed["estimated_bytes"] / 1024**2
+        expect(row.locator(".device-need")).to_have_text(f"~{mib:.1f} MiB {placed['precision']}")
     expect(
         tab.locator(f"#leaderboard .board-row[data-model='{ranking[0]}'] .tag-best")
     ).to_be_visible()
