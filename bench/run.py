@@ -1,7 +1,7 @@
 """Every bench of bench/README.md in one go: prints a table of the figures against their
 targets and writes bench/results.json (`make bench`).
 
-    .venv/bin/python bench/run.py [--quick] [--only train|live]
+    .venv/bin/python bench/run.py [--quick] [--only train|live|mid]
 
 --quick: small settings (a few minutes), for development; the figures are then only a hint.
 """
@@ -22,6 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import live  # after the environment above
+import mid_model
 import train_throughput
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
@@ -78,6 +79,30 @@ ROWS: list[tuple[str, str, str, Check | None, str | None]] = [
     ),
     ("report_ratio_vs_bare", "  ingest / bare POST handler", "", None, None),
     ("reports_missing_from_store", "acknowledged, not stored", "0", lambda v: v == 0, None),
+    (
+        "mid_train_ratio_vs_bare",
+        "mid model: trainer / bare (full)",
+        ">= 0.97",
+        lambda v: v >= 0.97,
+        "mid_bare_tokens_per_second",
+    ),
+    (
+        "mid_lora_train_ratio_vs_bare",
+        "mid model: trainer / bare (LoRA)",
+        ">= 0.97",
+        lambda v: v >= 0.97,
+        "mid_lora_bare_tokens_per_second",
+    ),
+    ("mid_lora_bf16_train_ratio_vs_bare", "  the same in bf16", "", None, None),
+    ("bf16_tokens_per_second_ratio_vs_fp32", "mid LoRA tokens/s, bf16 / fp32", "", None, None),
+    ("bf16_peak_memory_ratio_vs_fp32", "mid LoRA peak memory, bf16 / fp32", "", None, None),
+    (
+        "memory_estimate_error",
+        "memory estimate, worst |error|",
+        "<= 0.25",
+        lambda v: abs(v) <= 0.25,
+        None,
+    ),
 ]
 
 
@@ -99,7 +124,7 @@ def table(results: dict[str, Any]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small settings, for development")
-    parser.add_argument("--only", choices=("train", "live"))
+    parser.add_argument("--only", choices=("train", "live", "mid"))
     args = parser.parse_args()
     started = time.monotonic()
     results: dict[str, Any] = {}
@@ -110,6 +135,8 @@ def main() -> int:
         if args.only in (None, "train"):
             rounds = 1 if args.quick else 5
             results.update(train_throughput.run(work / "demo", rounds=rounds))
+        if args.only in (None, "mid"):
+            results.update(mid_model.run(work / "mid", quick=args.quick))
     results["load_average_after"] = os.getloadavg()[0]
     results["seconds"] = round(time.monotonic() - started, 1)
     # every other key is a number; what the figures were measured on is under "about"

@@ -125,7 +125,7 @@ function updateRow(row, data, context) {
     ? `Estimated peak ${formatBytes(placement.estimated_bytes)}: weights ` +
       `${formatBytes(placement.weight_bytes)}, gradients ${formatBytes(placement.gradient_bytes)}, ` +
       `optimizer ${formatBytes(placement.optimizer_bytes)}, activations ` +
-      `${formatBytes(placement.activation_bytes)}` +
+      `${formatBytes(placement.activation_bytes)}, runtime ${formatBytes(placement.overhead_bytes)}` +
       (placement.offloaded ? "; held in host memory between its turns" : "")
     : "";
 

@@ -277,6 +277,7 @@ def _placements(
             gradient_bytes=estimates[slot.model].gradients,
             optimizer_bytes=estimates[slot.model].optimizer,
             activation_bytes=estimates[slot.model].activations,
+            overhead_bytes=estimates[slot.model].overhead,
             offloaded=slot.offloaded,
         )
         for slot in slots

@@ -14,6 +14,7 @@ import copy
 import logging
 import math
 import warnings
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,10 +24,13 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from services.api import training_pb2
 from services.api.run_config import RunConfig, is_lora
 from services.core.errors import InvalidInput
+from services.training.models import weight_files
 from services.training.precision import BYTES, Numerics
 
 log = logging.getLogger("oneseek.training.sizing")
@@ -35,6 +39,9 @@ PROXY_HEAD_DIM = 8
 """Width of each attention head in a proxy: the proxy keeps the real head count."""
 PROXY_VOCAB = 256
 PROXY_BATCH, PROXY_SEQ = 2, 16
+CPU_RUNTIME = 64 * 1024**2
+"""What training on a CPU holds beyond its tensors: the allocator's free lists, oneDNN's
+kernel cache, lazily loaded modules (measured at 30–70 MiB by bench/mid_model.py)."""
 NF4_BYTES = 0.5 + 4 / 64 / 256 * 2 + 4 / 64 / 4
 """Bytes per 4-bit weight: its nibble, the 8-bit absmax of each 64-block quantized again in
 blocks of 256 (double quantization), and a little slack for bitsandbytes' per-tensor state."""
@@ -127,14 +134,17 @@ def _shape(path: str, _mtime: int) -> ModelShape:
 
 @dataclass(frozen=True)
 class ActivationProfile:
-    """Bytes a forward pass keeps for the backward pass, per token of a batch."""
+    """The most a training step holds at once beyond the weights and their gradients (what the
+    forward pass keeps for the backward pass, and the backward pass's working set), per token
+    of a batch."""
 
     per_layer: float
-    """Kept by each decoder layer."""
+    """Held for each decoder layer."""
     per_vocab_entry: float
-    """Kept per entry of the vocabulary (the logits and their log-softmax)."""
+    """Held per entry of the vocabulary (the logits, their log-softmax and its gradient)."""
     rest: float
-    """Kept outside the layers and the logits (embeddings, the final norm)."""
+    """Held outside the layers and the logits (embeddings, the final norm, and with gradient
+    checkpointing the one layer being recomputed)."""
 
 
 def _proxy(config: Any, layers: int, vocab: int) -> tuple[Any, float]:
@@ -164,41 +174,73 @@ def _proxy(config: Any, layers: int, vocab: int) -> tuple[Any, float]:
     return proxy, scale
 
 
-def _saved_bytes(model: nn.Module, numerics: Numerics, vocab: int, batch: int) -> int:
-    """Bytes of every distinct tensor a training forward pass of `batch` examples of
-    PROXY_SEQ tokens keeps, the parameters aside."""
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (batch, PROXY_SEQ), generator=generator)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    kept: dict[int, int] = {}
+class PeakBytes(TorchDispatchMode):  # type: ignore[no-untyped-call]
+    """The most bytes of tensor storage alive at once among those made while it is active
+    (what existed before, the weights above all, is not counted)."""
 
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in params:
-            kept[storage.data_ptr()] = storage.nbytes()
-        return tensor
+    def __init__(self, existing: list[torch.Tensor]) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.before = {tensor.untyped_storage()._cdata for tensor in existing}
+        self.live: dict[int, int] = {}
+        self.now = self.peak = 0
 
+    def _freed(self, key: int) -> None:
+        self.now -= self.live.pop(key, 0)
+
+    def __torch_dispatch__(  # type: ignore[no-untyped-def]
+        self, func, types, args=(), kwargs=None
+    ):
+        out = func(*args, **(kwargs or {}))
+        for item in tree_leaves(out):
+            if not isinstance(item, torch.Tensor):
+                continue
+            storage = item.untyped_storage()
+            key = storage._cdata
+            if key in self.live or key in self.before:
+                continue  # a view, an in-place result, or a weight
+            self.live[key] = storage.nbytes()
+            self.now += self.live[key]
+            self.peak = max(self.peak, self.now)
+            weakref.finalize(storage, self._freed, key)
+        return out
+
+
+def step_bytes(model: nn.Module, numerics: Numerics, ids: torch.Tensor) -> int:
+    """The most memory a training step (forward and backward) on the batch `ids` holds at once
+    beyond the weights: what the forward pass keeps for the backward pass, the backward pass's
+    working set, and the gradients."""
+    mask = torch.ones_like(ids)
     model.train()
-    hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
-    with hooks, _quiet(), numerics.autocast():
-        model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
-    return sum(kept.values())
+    existing = [*model.parameters(), *model.buffers(), ids, mask]
+    tracker = PeakBytes(existing)
+    with tracker, _quiet():
+        with numerics.autocast():
+            loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+        loss.backward()
+        del loss
+    model.zero_grad(set_to_none=True)
+    return tracker.peak
 
 
 def _per_token(model: nn.Module, numerics: Numerics, vocab: int) -> float:
-    """What the forward pass keeps per token: the growth from one batch size to twice it, so
-    what it keeps once per pass (autocast's 16-bit copies of the weights) is left out."""
-    small = _saved_bytes(model, numerics, vocab, PROXY_BATCH)
-    large = _saved_bytes(model, numerics, vocab, 2 * PROXY_BATCH)
+    """A step's memory per token: the growth from one batch size to twice it, so what a step
+    holds once whatever the batch (autocast's 16-bit copies of the weights) is left out."""
+    generator = torch.Generator().manual_seed(0)
+    small, large = (
+        step_bytes(
+            model, numerics, torch.randint(0, vocab, (batch, PROXY_SEQ), generator=generator)
+        )
+        for batch in (PROXY_BATCH, 2 * PROXY_BATCH)
+    )
     return (large - small) / (PROXY_BATCH * PROXY_SEQ)
 
 
 def _typed(model: nn.Module, run: RunConfig, numerics: Numerics) -> nn.Module:
-    from services.training.member import wrap_model
+    from services.training.member import prepare_base, wrap_model
 
     model = model.to(numerics.load_dtype)
     with _quiet():
-        model = wrap_model(run, model)
+        model = wrap_model(run, prepare_base(run, model))
     for param in model.parameters():
         if param.requires_grad:
             param.data = param.data.float()
@@ -206,14 +248,15 @@ def _typed(model: nn.Module, run: RunConfig, numerics: Numerics) -> nn.Module:
 
 
 def activation_profile(path: Path, run: RunConfig, numerics: Numerics) -> ActivationProfile:
-    """What a training forward pass of the model in `path` keeps per token, as the run trains
-    it (LoRA or full, its precision), without checkpointing."""
+    """What a training step of the model in `path` holds per token, as the run trains it
+    (LoRA or full, its precision, gradient checkpointing)."""
     # what shapes the activations, and nothing else, so other settings share the proxies
     wrapping = RunConfig(
         method=run.method,
         lora_rank=run.lora_rank,
         lora_alpha=run.lora_alpha,
         lora_dropout=run.lora_dropout,
+        gradient_checkpointing=run.gradient_checkpointing,
     )
     # a 16-bit proxy runs on the CPU, where bf16 keeps exactly what fp16 keeps on a GPU
     proxy = "fp32" if numerics.precision == "fp32" else "bf16"
@@ -280,12 +323,15 @@ class MemoryEstimate:
     activations: int
     """What the forward pass keeps plus the backward pass's working set, at the run's
     largest batch."""
+    overhead: int = 0
+    """On a CPU: the allocator's and kernels' own memory, and the checkpoint file read beside
+    the weights while they are converted to another dtype (beyond what training adds)."""
     batch: tuple[int, int] = (0, 0)
     """That batch: (examples, tokens each)."""
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.activations
+        return self.weights + self.gradients + self.optimizer + self.activations + self.overhead
 
     @property
     def resident(self) -> int:
@@ -295,7 +341,7 @@ class MemoryEstimate:
 
     @property
     def transient(self) -> int:
-        return self.gradients + self.activations
+        return self.gradients + self.activations + self.overhead
 
 
 def estimate_member(
@@ -318,26 +364,27 @@ def estimate_member(
         weights = trainable * 4  # fp32 master weights whatever the compute precision
     profile = activation_profile(path, run, numerics)
     examples, length = batch_tokens
-    tokens = examples * length
-    per_token_layer = profile.per_layer
-    residual = 4 if numerics.load_dtype == torch.float32 else compute
-    if run.gradient_checkpointing:
-        # only each layer's input is kept; the backward pass recomputes one layer at a time
-        kept = shape.layers * shape.hidden_size * residual + per_token_layer
-    else:
-        kept = shape.layers * per_token_layer
-    kept += profile.rest + profile.per_vocab_entry * shape.vocab_size
-    # the backward pass: the logits' gradient (fp32, and its cast to the compute dtype) and
-    # the gradients flowing through one layer at a time
-    working = shape.vocab_size * (4 + (compute if numerics.mixed else 0)) + per_token_layer
-    activations = math.ceil(tokens * (kept + working))
+    per_token = (
+        shape.layers * profile.per_layer + profile.rest + profile.per_vocab_entry * shape.vocab_size
+    )
+    activations = math.ceil(examples * length * per_token)
     if numerics.mixed and not is_lora(run):
         # autocast keeps a 16-bit copy of each fp32 weight it multiplies until the backward pass
         activations += shape.quantizable * compute
+    gradients, optimizer = trainable * 4, trainable * 8
+    overhead = 0
+    if numerics.device_type == "cpu":
+        # the allocator's and the kernels' own memory; and while the weights are converted to
+        # another dtype, the checkpoint file is read in full beside them
+        stored = sum(file.stat().st_size for file in weight_files(Path(path)))
+        converting = round(stored / max(1, shape.parameters)) != (compute if is_lora(run) else 4)
+        loading = stored if converting else 0
+        overhead = CPU_RUNTIME + max(0, loading - (gradients + optimizer + activations))
     return MemoryEstimate(
         weights=weights,
-        gradients=trainable * 4,
-        optimizer=trainable * 8,
+        gradients=gradients,
+        optimizer=optimizer,
         activations=activations,
+        overhead=overhead,
         batch=batch_tokens,
     )

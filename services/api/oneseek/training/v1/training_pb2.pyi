@@ -473,13 +473,14 @@ class Placement(_message.Message):
     OPTIMIZER_BYTES_FIELD_NUMBER: _builtins.int
     ACTIVATION_BYTES_FIELD_NUMBER: _builtins.int
     OFFLOADED_FIELD_NUMBER: _builtins.int
+    OVERHEAD_BYTES_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     device: _builtins.str
     """The device it trains on: "cuda:0", "cuda:1", ... or "cpu"."""
     precision: Global___Precision.ValueType
     """What it computes in there: the run's precision, AUTO resolved for that device."""
     estimated_bytes: _builtins.int
-    """The plan's estimate of its peak memory while it trains, in bytes: the sum of the four below."""
+    """The plan's estimate of its peak memory while it trains, in bytes: the sum of the five below."""
     weight_bytes: _builtins.int
     gradient_bytes: _builtins.int
     optimizer_bytes: _builtins.int
@@ -488,6 +489,8 @@ class Placement(_message.Message):
     """Held in host memory between its turns and moved onto `device` for its own, because the
     members together do not fit there.
     """
+    overhead_bytes: _builtins.int
+    """On a CPU: the runtime's own memory, and the checkpoint read while its weights are converted."""
     def __init__(
         self,
         *,
@@ -500,10 +503,11 @@ class Placement(_message.Message):
         optimizer_bytes: _builtins.int = ...,
         activation_bytes: _builtins.int = ...,
         offloaded: _builtins.bool = ...,
+        overhead_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["activation_bytes", b"activation_bytes", "device", b"device", "estimated_bytes", b"estimated_bytes", "gradient_bytes", b"gradient_bytes", "model", b"model", "offloaded", b"offloaded", "optimizer_bytes", b"optimizer_bytes", "precision", b"precision", "weight_bytes", b"weight_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activation_bytes", b"activation_bytes", "device", b"device", "estimated_bytes", b"estimated_bytes", "gradient_bytes", b"gradient_bytes", "model", b"model", "offloaded", b"offloaded", "optimizer_bytes", b"optimizer_bytes", "overhead_bytes", b"overhead_bytes", "precision", b"precision", "weight_bytes", b"weight_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
