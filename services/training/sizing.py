@@ -39,9 +39,10 @@ PROXY_HEAD_DIM = 8
 """Width of each attention head in a proxy: the proxy keeps the real head count."""
 PROXY_VOCAB = 256
 PROXY_BATCH, PROXY_SEQ = 2, 16
-CPU_RUNTIME = 64 * 1024**2
-"""What training on a CPU holds beyond its tensors: the allocator's free lists, oneDNN's
-kernel cache, lazily loaded modules (measured at 30–70 MiB by bench/mid_model.py)."""
+CPU_RUNTIME = 96 * 1024**2
+"""What training on a CPU holds beyond its tensors: the allocator's free lists and slack,
+oneDNN's kernels and scratch space, lazily loaded modules. bench/mid_model.py measures 30–70
+MiB with no tokens at all and up to ~120 MiB beyond the tensors at a batch of 8 × 32."""
 NF4_BYTES = 0.5 + 4 / 64 / 256 * 2 + 4 / 64 / 4
 """Bytes per 4-bit weight: its nibble, the 8-bit absmax of each 64-block quantized again in
 blocks of 256 (double quantization), and a little slack for bitsandbytes' per-tensor state."""
@@ -374,12 +375,13 @@ def estimate_member(
     gradients, optimizer = trainable * 4, trainable * 8
     overhead = 0
     if numerics.device_type == "cpu":
-        # the allocator's and the kernels' own memory; and while the weights are converted to
-        # another dtype, the checkpoint file is read in full beside them
+        # the peak is the larger of loading's (while the weights are converted to another
+        # dtype, the checkpoint file is read in full beside them) and training's, which adds
+        # the runtime's own memory to the tensors
         stored = sum(file.stat().st_size for file in weight_files(Path(path)))
         converting = round(stored / max(1, shape.parameters)) != (compute if is_lora(run) else 4)
         loading = stored if converting else 0
-        overhead = CPU_RUNTIME + max(0, loading - (gradients + optimizer + activations))
+        overhead = max(CPU_RUNTIME, loading - (gradients + optimizer + activations))
     return MemoryEstimate(
         weights=weights,
         gradients=gradients,
