@@ -48,7 +48,8 @@ class GatewaySettings:
     rpc_timeout: float = 10.0
     """Deadline of every unary call except StartRun."""
     start_timeout: float = 60.0
-    """StartRun validates the dataset and spawns a worker: it may take longer."""
+    """StartRun validates the dataset, plans the run's memory (tokenizing the dataset once per
+    model) and spawns a worker: it may take longer."""
     health_timeout: float = 2.0
     heartbeat_interval: float = 30.0
     """Seconds between websocket heartbeats."""
