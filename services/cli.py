@@ -249,6 +249,25 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--addr", help="listen address (default $ONESEEK_TRAINING_ADDR)")
     common(training)
     training.add_argument("--max-active-runs", type=int, help="concurrent runs (default 1)")
+    training.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        default=os.environ.get("ONESEEK_EXECUTOR", "local"),
+        help="local: each run's members train in turn in its worker process (default); ray: "
+        "each member is a Ray actor and they train at once (default $ONESEEK_EXECUTOR)",
+    )
+    training.add_argument(
+        "--ray-address",
+        default=os.environ.get("ONESEEK_RAY_ADDRESS", "auto"),
+        help="the Ray cluster: auto (the one on this machine), HOST:PORT of its head, or local "
+        "(start one in the worker) (default $ONESEEK_RAY_ADDRESS or auto)",
+    )
+    training.add_argument(
+        "--max-member-restarts",
+        type=int,
+        default=3,
+        help="with ray: how often a run rebuilds its members after one died mid-epoch",
+    )
     _tls_server_flags(training)
     training.add_argument(
         "--shutdown-grace",

@@ -14,7 +14,6 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +35,7 @@ from services.training.checkpoints import (
     CheckpointMismatch,
     TrainingProgress,
     capture_rng,
+    latest_checkpoint,
     prune_checkpoints,
     read_checkpoint,
     remove_checkpoints,
@@ -44,7 +44,12 @@ from services.training.checkpoints import (
 )
 from services.training.data import Dataset, split_dataset
 from services.training.events import EventLog, read_events
-from services.training.member import PopulationMember
+from services.training.executors import (
+    DEFAULT_MAX_MEMBER_RESTARTS,
+    Executor,
+    LocalExecutor,
+    MemberLost,
+)
 from services.training.member import StepInfo as StepInfo
 from services.training.memory_plan import plan_members
 from services.training.models import BaseModelInfo
@@ -76,7 +81,7 @@ def resumable_failure(exc: BaseException) -> bool:
     no for an unexpected error, which is most likely a bug that would repeat as well."""
     if isinstance(exc, (TrainingDiverged, InvalidInput, NotFound)):
         return False
-    if isinstance(exc, (ArtifactError, OSError, MemoryError)):
+    if isinstance(exc, (ArtifactError, OSError, MemoryError, MemberLost)):
         return True
     return isinstance(exc, torch.cuda.OutOfMemoryError)
 
@@ -91,19 +96,22 @@ class Population:
         events: EventLog,
         stop: threading.Event,
         on_step: Callable[[StepInfo], None] | None = None,
+        executor: Executor | None = None,
     ) -> None:
         self.config = config
         self.progress = progress
         self.events = events
         self.stop = stop
         self.on_step = on_step
-        self.members: list[PopulationMember] = []
+        self.executor: Executor = executor or LocalExecutor()
+        self.members: list[Any] = []
+        """PopulationMembers (local), or handles on members elsewhere (see executors.py)."""
         self.epoch = progress.epoch  # the one training, or the last one done
         self._last_progress = -math.inf
 
     @property
     def steps_planned(self) -> int:
-        return sum(member.steps_per_epoch for member in self.members) * self.config.epochs
+        return int(sum(member.steps_per_epoch for member in self.members)) * self.config.epochs
 
     def progress_percent(self) -> float:
         if self.steps_planned == 0:
@@ -118,16 +126,9 @@ class Population:
         start.weights.update(self.progress.weights)
         start.lr_multipliers.update(lrs)
         self.events.emit("epoch_start", start)
-        losses: dict[str, float] = {}
-        for member in self.members:
-            with member.turn():
-                loss = member.train_epoch(epoch, self.stop.is_set, partial(self._stepped, member))
-            if loss is None:
-                return None
-            losses[member.name] = loss
-        return losses
+        return self.executor.train_epoch(self.members, epoch, self.stop.is_set, self._stepped)
 
-    def _stepped(self, member: PopulationMember, step: StepInfo) -> None:
+    def _stepped(self, member: Any, step: StepInfo) -> None:
         progress = self.progress
         progress.steps_done += 1
         progress.step_seconds += step.seconds
@@ -156,16 +157,13 @@ class Population:
 
     def conclude(
         self, epoch: int, train_losses: dict[str, float]
-    ) -> tuple[TrainingProgress, list[PopulationMember]]:
+    ) -> tuple[TrainingProgress, list[Any]]:
         """Validates every member, computes the new weights and sets each optimizer's rate.
 
         Returns the progress after the epoch, its announcement stamped but not sent (it goes
         out once the progress is durable: `announce`), and the members that improved."""
         cfg, before = self.config, self.progress
-        val_losses = {}
-        for member in self.members:
-            with member.turn():
-                val_losses[member.name] = member.validate()
+        val_losses = self.executor.validate(self.members)
         for name, value in (*train_losses.items(), *val_losses.items()):
             if not math.isfinite(value):
                 raise diverged(name, epoch, value)
@@ -255,6 +253,8 @@ class TrainingRun:
         on_step: Callable[[StepInfo], None] | None = None,
         placements: Sequence[training_pb2.Placement] | None = None,
         resume_from: Path | None = None,
+        executor: Executor | None = None,
+        max_member_restarts: int = DEFAULT_MAX_MEMBER_RESTARTS,
     ) -> None:
         self.config = config
         self.run_id = run_id
@@ -267,7 +267,10 @@ class TrainingRun:
         self.resume_from = resume_from
         names = [info.name for info in self.infos]
         progress = TrainingProgress.start(run_id, config, dataset.sha256, names)
-        self.population = Population(config, progress, events, self.stop, on_step)
+        self.executor: Executor = executor or LocalExecutor()
+        self.max_member_restarts = max_member_restarts
+        self.restarts = 0
+        self.population = Population(config, progress, events, self.stop, on_step, self.executor)
         self.split_counts = (0, 0)
         self._started = time.monotonic()
 
@@ -280,9 +283,7 @@ class TrainingRun:
         train, validation = split_dataset(self.dataset.records, cfg.validation_split, cfg.seed)
         self.split_counts = (len(train), len(validation))
         where = {placement.model: placement for placement in self.placements}
-        self.population.members = [
-            PopulationMember(cfg, info, train, validation, where[info.name]) for info in self.infos
-        ]
+        self.population.members = self.executor.build(cfg, self.infos, train, validation, where)
 
     def run(self) -> RunSummary:
         self._started = time.monotonic()
@@ -296,17 +297,23 @@ class TrainingRun:
         except Exception as exc:
             return self._fail(exc)
         finally:
+            self.executor.close()
             self.events.close()
 
     def _train(self) -> training_pb2.RunStatus.ValueType:
         population = self.population
         if population.progress.auto_stop.triggered:  # resumed after it fired, before the end
             return training_pb2.RUN_STATUS_AUTO_STOPPED
-        for epoch in range(population.progress.epoch + 1, self.config.epochs + 1):
-            train_losses = population.train(epoch)
-            if train_losses is None:
-                return training_pb2.RUN_STATUS_STOPPED
-            concluded, improved = population.conclude(epoch, train_losses)
+        while population.progress.epoch < self.config.epochs:
+            epoch = population.progress.epoch + 1
+            try:
+                train_losses = population.train(epoch)
+                if train_losses is None:
+                    return training_pb2.RUN_STATUS_STOPPED
+                concluded, improved = population.conclude(epoch, train_losses)
+            except MemberLost as lost:
+                self._recover(lost)  # every member back at the last completed epoch
+                continue
             self._checkpoint(concluded)
             self._announce({})
             # adapters follow the checkpoint, so adapters/ never holds an epoch that resuming
@@ -318,6 +325,34 @@ class TrainingRun:
             if self.stop.is_set():
                 return training_pb2.RUN_STATUS_STOPPED
         return training_pb2.RUN_STATUS_COMPLETED
+
+    def _recover(self, lost: MemberLost) -> None:
+        """After a member's process died mid-epoch: every member rebuilt and put back at the
+        last completed epoch's checkpoint (or at the start), at most `max_member_restarts`
+        times; then the run fails, resumable."""
+        self.restarts += 1
+        if self.restarts > self.max_member_restarts:
+            raise MemberLost(
+                f"{lost} It happened {self.restarts} times, more than the "
+                f"{self.max_member_restarts} restart(s) allowed; resume the run to try again."
+            ) from lost
+        log.warning("%s; restart %s of %s", lost, self.restarts, self.max_member_restarts)
+        self.executor.close()
+        self.prepare()
+        checkpoint = latest_checkpoint(self.folder.path)
+        population = self.population
+        if checkpoint is None:
+            names = [info.name for info in self.infos]
+            population.progress = TrainingProgress.start(
+                self.run_id, self.config, self.dataset.sha256, names
+            )
+        else:
+            saved = TrainingProgress.from_dict(checkpoint.state)
+            for member in population.members:
+                member.load_state(checkpoint.member_state(member.name), str(checkpoint.path))
+            restore_rng(saved.rng)
+            population.progress = saved
+        population.epoch = population.progress.epoch
 
     def _elapsed(self) -> float:
         return time.monotonic() - self._started

@@ -33,6 +33,7 @@ from services.api.runtime import (
 )
 from services.core.layout import datasets_dir, models_dir, state_dir
 from services.training.data import list_datasets
+from services.training.executors import ExecutorSettings
 from services.training.models import discover_models
 from services.training.service import TrainingService
 
@@ -132,12 +133,14 @@ async def serve(
     shutdown_grace: float = 30.0,
     ready: Callable[[int], None] | None = None,
     tls: ServerTls | None = None,
+    executor: ExecutorSettings | None = None,
 ) -> None:
     service = TrainingService(
         models_root=models_root,
         datasets_root=datasets_root,
         state_dir=state_dir,
         max_active_runs=max_active_runs,
+        executor=executor,
     )
     service.load()
     prefix = f"/{SERVICE_NAME}/"
@@ -182,6 +185,11 @@ def run(args: argparse.Namespace) -> int:
             max_active_runs=args.max_active_runs,
             shutdown_grace=args.shutdown_grace,
             tls=tls,
+            executor=ExecutorSettings(
+                kind=args.executor,
+                ray_address=args.ray_address,
+                max_member_restarts=args.max_member_restarts,
+            ),
         )
     )
     return 0

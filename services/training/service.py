@@ -24,8 +24,9 @@ from services.core.training_config import TRAINING_CONFIG, generate_run_id, vali
 from services.training.checkpoints import latest_checkpoint
 from services.training.data import load_dataset
 from services.training.events import read_events
+from services.training.executors import ExecutorSettings
 from services.training.hub import Event, EventHub, RunRecord
-from services.training.memory_plan import planned_models
+from services.training.memory_plan import placements_of, planned_models
 from services.training.models import resolve_models
 from services.training.run_folder import RunFolder
 from services.training.worker import WorkerHandle
@@ -48,6 +49,7 @@ class TrainingService:
         state_dir: Path,
         max_active_runs: int | None = None,
         stop_timeout: float = 60.0,
+        executor: ExecutorSettings | None = None,
     ) -> None:
         self.models_root = Path(models_root)
         self.datasets_root = Path(datasets_root)
@@ -55,6 +57,7 @@ class TrainingService:
             TRAINING_CONFIG["defaults"]["max_active_runs"]
         )
         self.stop_timeout = stop_timeout
+        self.executor = executor or ExecutorSettings()
         self.hub = EventHub(Path(state_dir) / JOURNAL)
         self.runs = self.hub.runs
         self._start_lock = asyncio.Lock()
@@ -149,7 +152,19 @@ class TrainingService:
         must load (bad records refused), and the run must fit this machine."""
         models = resolve_models(list(config.base_models), self.models_root)
         dataset = load_dataset(config.dataset_id, self.datasets_root)
-        return planned_models(config, models, dataset.records)
+        planned = planned_models(config, models, dataset.records)
+        self._check_cluster(planned)
+        return planned
+
+    def _check_cluster(self, planned: list[dict[str, Any]]) -> None:
+        """With the ray executor: the cluster can host every member at once (a 400 naming the
+        shortfall, never a run waiting forever for resources)."""
+        if self.executor.kind != "ray":
+            return
+        from services.training.ray_executor import cluster_check
+
+        placements = placements_of(planned)
+        cluster_check(self.executor.ray_address, placements or [])
 
     def _create_folder(self, config: RunConfig, models: list[dict[str, Any]]) -> RunFolder:
         root = certified_root(self.models_root)
@@ -166,6 +181,7 @@ class TrainingService:
             "run_dir": str(record.folder.path),
             "models_root": str(self.models_root),
             "models": record.models,
+            "executor": self.executor.to_dict(),
             "datasets_root": str(self.datasets_root),
             "start_seq": start_seq,
             "resume_from": str(resume_from) if resume_from is not None else None,
@@ -221,6 +237,7 @@ class TrainingService:
         dataset = load_dataset(record.config.dataset_id, self.datasets_root)
         # planned afresh: the machine's free memory, even its GPUs, may have changed
         record.models = planned_models(record.config, models, dataset.records)
+        self._check_cluster(record.models)
         record.state.models = record.model_infos()
         record.folder.write_manifest(record.config, record.models)
         checkpoint = latest_checkpoint(record.folder.path)

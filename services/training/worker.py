@@ -36,6 +36,7 @@ def worker_main(spec: dict[str, Any], conn: Connection) -> None:
     from services.api.run_config import config_from_dict
     from services.training.data import load_dataset
     from services.training.events import EVENTS_FILE, EventLog
+    from services.training.executors import ExecutorSettings
     from services.training.memory_plan import placements_of
     from services.training.models import resolve_models
     from services.training.population import TrainingRun
@@ -64,6 +65,7 @@ def worker_main(spec: dict[str, Any], conn: Connection) -> None:
             os._exit(EXIT_ORPHANED)
 
     config = config_from_dict(spec["config"])
+    executing = ExecutorSettings.from_dict(spec.get("executor"))
     folder = RunFolder(Path(spec["run_dir"]))
     resume_from = spec.get("resume_from")
     # a resumed run's previous worker may still be on its way out, or someone is reading the
@@ -86,6 +88,8 @@ def worker_main(spec: dict[str, Any], conn: Connection) -> None:
             stop=stop,
             placements=placements_of(spec.get("models", ())),
             resume_from=Path(resume_from) if resume_from else None,
+            executor=executing.create(),
+            max_member_restarts=executing.max_member_restarts,
         )
         run.run()  # a resumed run first sends what the log lacks of its last epoch
     conn.close()

@@ -1,0 +1,191 @@
+"""The ray executor on a one-machine Ray cluster started here (loopback only): the same losses,
+weights and events as local; a member actor killed mid-epoch costs nothing but time; a stop
+stops every member; a run the cluster cannot host is refused, never left waiting."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.api import training_pb2
+from services.api.codec import event_to_dict
+from services.api.run_config import config_from_body
+from services.core.errors import InvalidInput
+from services.core.verify import verify_run_folder
+from services.training.data import load_dataset
+from services.training.events import EVENTS_FILE, EventLog, read_events
+from services.training.executors import Executor, LocalExecutor
+from services.training.member import StepInfo
+from services.training.models import resolve_models
+from services.training.population import TrainingRun
+from services.training.run_folder import RunFolder, RunSummary
+from tests.conftest import REPO
+
+ray = pytest.importorskip("ray")
+from services.training.ray_executor import RAY_ENV, RayExecutor, cluster_check  # noqa: E402
+
+pytestmark = pytest.mark.slow
+MODELS = ["tiny-llama", "tiny-gpt2"]
+REQUEST = {
+    "datasetId": "sample",
+    "baseModels": MODELS,
+    "epochs": 2,
+    "maxSeqLength": 32,
+    "autoStopThreshold": 0.0,
+    "refreshInterval": 0.01,
+}
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[str]:
+    """A Ray cluster of this machine's 2 CPUs, every process of it on 127.0.0.1."""
+    for key, value in RAY_ENV.items():
+        os.environ[key] = value
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": dict(RAY_ENV)},
+    )
+    try:
+        yield str(ray.get_runtime_context().gcs_address)
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture
+def models(tmp_path: Path, demo_models_dir: Path) -> Path:
+    root = tmp_path / "models"
+    root.mkdir()
+    for name in MODELS:
+        (root / name).symlink_to(demo_models_dir / name)
+    return root
+
+
+def train(
+    models: Path,
+    executor: Executor,
+    run_id: str,
+    on_step: Any = None,
+    stop: threading.Event | None = None,
+    **request: Any,
+) -> tuple[RunSummary, list[dict[str, Any]]]:
+    config = config_from_body({**REQUEST, **request})
+    folder = RunFolder.create(models, run_id)
+    folder.write_manifest(config, [])
+    seen: list[dict[str, Any]] = []
+    events = EventLog(
+        run_id, path=folder.path / EVENTS_FILE, sinks=(lambda e: seen.append(event_to_dict(e)),)
+    )
+    run = TrainingRun(
+        config,
+        run_id=run_id,
+        models=resolve_models(MODELS, models),
+        dataset=load_dataset("sample", REPO / "datasets"),
+        folder=folder,
+        events=events,
+        stop=stop,
+        on_step=on_step,
+        executor=executor,
+    )
+    return run.run(), seen
+
+
+def announced(seen: list[dict[str, Any]]) -> list[tuple[str, Any]]:
+    return [(e["type"], e.get("epoch")) for e in seen if e["type"] != "progress"]
+
+
+def test_ray_trains_as_local_does(cluster: str, models: Path) -> None:
+    local, local_events = train(models, LocalExecutor(), "run-20260301-000001")
+    remote, remote_events = train(models, RayExecutor(cluster), "run-20260301-000002")
+    assert local.status == remote.status == training_pb2.RUN_STATUS_COMPLETED, remote.error
+    for mine, theirs in zip(remote.progress.history, local.progress.history, strict=True):
+        for name in MODELS:
+            assert mine["val_losses"][name] == pytest.approx(theirs["val_losses"][name], abs=1e-6)
+            assert mine["weights"][name] == pytest.approx(theirs["weights"][name], abs=1e-6)
+    assert announced(remote_events) == announced(local_events)
+    assert [e["seq"] for e in remote_events] == list(range(1, len(remote_events) + 1))
+    assert verify_run_folder(remote.run_dir).ok
+
+
+def test_a_killed_member_actor_costs_only_time(cluster: str, models: Path) -> None:
+    executor = RayExecutor(cluster)
+    killed: list[int] = []
+
+    def kill_once(step: StepInfo) -> None:
+        if step.epoch == 2 and step.step == 2 and not killed:
+            member = next(m for m in executor_members(executor) if m.name == step.model)
+            pid = ray.get(member.actor.pid.remote())
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    summary, seen = train(models, executor, "run-20260301-000003", on_step=kill_once)
+    assert killed, "no member was killed"
+    assert summary.status == training_pb2.RUN_STATUS_COMPLETED, summary.error
+    run_dir = summary.run_dir
+    logged = [event_to_dict(e) for e in read_events(run_dir / EVENTS_FILE)]
+    ends = [e["epoch"] for e in logged if e["type"] == "epoch_end"]
+    assert ends == [1, 2]  # each epoch ended once, though epoch 2 started twice
+    assert [e["epoch"] for e in logged if e["type"] == "epoch_start"] == [1, 2, 2]
+    assert logged == seen
+    assert verify_run_folder(run_dir).ok
+
+
+def executor_members(executor: RayExecutor) -> list[Any]:
+    return list(executor.members)
+
+
+def test_a_stop_stops_every_member(cluster: str, models: Path) -> None:
+    stop = threading.Event()
+
+    def stop_soon(step: StepInfo) -> None:
+        if step.step == 2:
+            stop.set()
+
+    summary, seen = train(
+        models, RayExecutor(cluster), "run-20260301-000004", on_step=stop_soon, stop=stop
+    )
+    assert summary.status == training_pb2.RUN_STATUS_STOPPED
+    assert seen[-1]["type"] == "training_complete" and seen[-1]["status"] == "stopped"
+    assert verify_run_folder(summary.run_dir).ok
+
+
+def test_a_run_the_cluster_cannot_host_is_refused(cluster: str) -> None:
+    on_cpu = [training_pb2.Placement(model=f"m{i}", device="cpu") for i in range(3)]
+    with pytest.raises(InvalidInput) as refused:
+        cluster_check(cluster, on_cpu)
+    assert refused.value.field == "baseModels"
+    assert "3 CPU(s), and it has 2" in str(refused.value)
+    on_gpu = [training_pb2.Placement(model="m0", device="cuda:0")]
+    with pytest.raises(InvalidInput) as no_gpu:
+        cluster_check(cluster, on_gpu)
+    assert "1 GPU(s), and it has 0" in str(no_gpu.value)
+    cluster_check(cluster, on_cpu[:2])  # two fit
+
+
+RAY_PROCESSES = ('(("ray::', '(("raylet"', '(("gcs_server"')
+LOOPBACK = ("127.0.0.1:", "[::1]:", "[::ffff:127.0.0.1]:")
+
+
+def test_the_cluster_talks_over_loopback_only(cluster: str, models: Path) -> None:
+    """Every TCP connection of a Ray process, or of this driver, stays on 127.0.0.1."""
+    assert cluster.startswith("127.0.0.1:")
+    executor = RayExecutor(cluster)
+    train(models, executor, "run-20260301-000005", epochs=1)
+    sockets = subprocess.run(["ss", "-tnp"], capture_output=True, text=True, check=True).stdout
+    mine = f"pid={os.getpid()},"
+    checked = 0
+    for line in sockets.splitlines()[1:]:
+        if not any(name in line for name in RAY_PROCESSES) and mine not in line:
+            continue
+        local, peer = line.split()[3:5]
+        assert local.startswith(LOOPBACK) and peer.startswith(LOOPBACK), line
+        checked += 1
+    assert checked > 0  # the cluster's own connections were seen
