@@ -55,9 +55,15 @@ class TooSlow(OneSeekError):
     grpc_status, http_status = "RESOURCE_EXHAUSTED", 429
 
 
+class Unavailable(OneSeekError):
+    """Something the service needs is out of reach (a Ray cluster); trying again later may work."""
+
+    grpc_status, http_status = "UNAVAILABLE", 503
+
+
 class ArtifactError(OneSeekError):
     """A run folder could not be written (disk full, permissions, ...)."""
 
 
-DOMAIN_ERRORS = (InvalidInput, NotFound, Conflict, AlreadyExists, TooSlow)
+DOMAIN_ERRORS = (InvalidInput, NotFound, Conflict, AlreadyExists, TooSlow, Unavailable)
 """The kinds a caller can act on: a client maps their gRPC status back to their HTTP status."""

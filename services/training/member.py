@@ -255,8 +255,12 @@ class PopulationMember:
         return self.running_loss()
 
     def running_loss(self) -> float:
-        """The token-weighted mean train loss of the epoch so far (waits for the device)."""
-        return token_weighted_mean(self._losses, self._counts)
+        """The token-weighted mean train loss of the epoch so far (waits for the device). Safe
+        beside the training thread (the ray executor asks from another): only the steps whose
+        loss and count are both in are counted."""
+        losses, counts = self._losses, self._counts
+        steps = min(len(losses), len(counts))
+        return token_weighted_mean(losses[:steps], counts[:steps])
 
     @torch.no_grad()
     def validate(self) -> float:

@@ -311,15 +311,16 @@ class TrainingRun:
                 if train_losses is None:
                     return training_pb2.RUN_STATUS_STOPPED
                 concluded, improved = population.conclude(epoch, train_losses)
+                self._checkpoint(concluded)
+                self._announce({})
+                # adapters follow the checkpoint, so adapters/ never holds an epoch that
+                # resuming would train again (resuming re-saves them when the crash fell in
+                # between)
+                for member in improved:
+                    self.folder.save_adapter(member.name, member.save)
             except MemberLost as lost:
                 self._recover(lost)  # every member back at the last completed epoch
                 continue
-            self._checkpoint(concluded)
-            self._announce({})
-            # adapters follow the checkpoint, so adapters/ never holds an epoch that resuming
-            # would train again (resuming re-saves them when the crash fell in between)
-            for member in improved:
-                self.folder.save_adapter(member.name, member.save)
             if concluded.auto_stop.triggered:
                 return training_pb2.RUN_STATUS_AUTO_STOPPED
             if self.stop.is_set():
@@ -352,6 +353,9 @@ class TrainingRun:
                 member.load_state(checkpoint.member_state(member.name), str(checkpoint.path))
             restore_rng(saved.rng)
             population.progress = saved
+            for member in population.members:  # lost before its adapter was saved?
+                if saved.best[member.name]["epoch"] == saved.epoch:
+                    self.folder.save_adapter(member.name, member.save)
         population.epoch = population.progress.epoch
 
     def _elapsed(self) -> float:

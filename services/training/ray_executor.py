@@ -20,7 +20,7 @@ from typing import Any
 
 from services.api import training_pb2
 from services.api.run_config import RunConfig
-from services.core.errors import InvalidInput
+from services.core.errors import InvalidInput, Unavailable
 from services.training.checkpoints import MemberState
 from services.training.data import Record
 from services.training.executors import MemberLost, OnStep
@@ -253,9 +253,15 @@ class RayExecutor:
 
 def cluster_check(address: str, placements: Sequence[training_pb2.Placement]) -> None:
     """InvalidInput naming the shortfall when the cluster cannot host every member at once
-    (Ray would otherwise wait for resources forever)."""
-    ray = connect(address)
-    total = ray.cluster_resources()
+    (Ray would otherwise wait for resources forever); Unavailable when it is out of reach."""
+    try:
+        total = connect(address).cluster_resources()
+    except (ConnectionError, RuntimeError) as error:
+        raise Unavailable(
+            f"The Ray cluster at {address} is out of reach ({error}). Start it (ray start "
+            "--head), point --ray-address at its head, and give this service its auth "
+            "settings (RAY_AUTH_MODE, the token)."
+        ) from error
     gpus_needed = sum(1 for p in placements if p.device.startswith("cuda"))
     cpus_needed = len(placements) - gpus_needed
     short = []

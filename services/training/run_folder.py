@@ -25,7 +25,7 @@ from services.api.run_config import RunConfig, config_from_dict, config_to_dict
 from services.core.adaptive_weights import lr_multipliers
 from services.core.atomic import replace_dir_atomic, write_json_atomic
 from services.core.dna import build_dna, model_fingerprint, write_dna
-from services.core.errors import ArtifactError, InvalidInput
+from services.core.errors import ArtifactError, InvalidInput, OneSeekError
 from services.core.layout import ADAPTERS_DIR, LIVE_METRICS_FILE, MANIFEST_FILE, RESULTS_FILE
 from services.core.layout import certified_root as certified_root
 from services.core.ledger import write_ledger_proof
@@ -212,6 +212,9 @@ class RunFolder:
         try:
             save(staged)
             replace_dir_atomic(staged, final)
+        except OneSeekError:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise  # already says what went wrong (a member lost mid-save, say)
         except Exception as exc:
             # safetensors reports a full disk as its own error type, not as an OSError
             shutil.rmtree(staged, ignore_errors=True)

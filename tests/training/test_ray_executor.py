@@ -75,15 +75,20 @@ def train(
     run_id: str,
     on_step: Any = None,
     stop: threading.Event | None = None,
+    on_event: Any = None,
     **request: Any,
 ) -> tuple[RunSummary, list[dict[str, Any]]]:
     config = config_from_body({**REQUEST, **request})
     folder = RunFolder.create(models, run_id)
     folder.write_manifest(config, [])
     seen: list[dict[str, Any]] = []
-    events = EventLog(
-        run_id, path=folder.path / EVENTS_FILE, sinks=(lambda e: seen.append(event_to_dict(e)),)
-    )
+
+    def record(event: training_pb2.TrainingEvent) -> None:
+        seen.append(event_to_dict(event))
+        if on_event is not None:
+            on_event(seen[-1])
+
+    events = EventLog(run_id, path=folder.path / EVENTS_FILE, sinks=(record,))
     run = TrainingRun(
         config,
         run_id=run_id,
@@ -115,31 +120,40 @@ def test_ray_trains_as_local_does(cluster: str, models: Path) -> None:
     assert verify_run_folder(remote.run_dir).ok
 
 
-def test_a_killed_member_actor_costs_only_time(cluster: str, models: Path) -> None:
+def kill(executor: RayExecutor, name: str) -> int:
+    member = next(m for m in executor.members if m.name == name)
+    pid: int = ray.get(member.actor.pid.remote())
+    os.kill(pid, signal.SIGKILL)
+    return pid
+
+
+@pytest.mark.parametrize("when", ["mid-epoch", "after-epoch-end"])
+def test_a_killed_member_actor_costs_only_time(cluster: str, models: Path, when: str) -> None:
+    """kill -9 of a member's process while epoch 2 trains, or once epoch 1 is announced (its
+    adapter not yet saved): every member goes back to epoch 1's checkpoint and the run ends
+    as if nothing happened."""
     executor = RayExecutor(cluster)
     killed: list[int] = []
 
-    def kill_once(step: StepInfo) -> None:
-        if step.epoch == 2 and step.step == 2 and not killed:
-            member = next(m for m in executor_members(executor) if m.name == step.model)
-            pid = ray.get(member.actor.pid.remote())
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
+    def mid_epoch(step: StepInfo) -> None:
+        if when == "mid-epoch" and step.epoch == 2 and step.step == 2 and not killed:
+            killed.append(kill(executor, step.model))
 
-    summary, seen = train(models, executor, "run-20260301-000003", on_step=kill_once)
+    def after_epoch_end(event: dict[str, Any]) -> None:
+        if when == "after-epoch-end" and event["type"] == "weight_adjustment" and not killed:
+            killed.append(kill(executor, MODELS[0]))
+
+    run_id = "run-20260301-00000" + ("3" if when == "mid-epoch" else "6")
+    summary, seen = train(models, executor, run_id, on_step=mid_epoch, on_event=after_epoch_end)
     assert killed, "no member was killed"
     assert summary.status == training_pb2.RUN_STATUS_COMPLETED, summary.error
     run_dir = summary.run_dir
     logged = [event_to_dict(e) for e in read_events(run_dir / EVENTS_FILE)]
-    ends = [e["epoch"] for e in logged if e["type"] == "epoch_end"]
-    assert ends == [1, 2]  # each epoch ended once, though epoch 2 started twice
-    assert [e["epoch"] for e in logged if e["type"] == "epoch_start"] == [1, 2, 2]
+    assert [e["epoch"] for e in logged if e["type"] == "epoch_end"] == [1, 2]  # each once
+    starts = [e["epoch"] for e in logged if e["type"] == "epoch_start"]
+    assert starts == ([1, 2, 2] if when == "mid-epoch" else [1, 2])
     assert logged == seen
     assert verify_run_folder(run_dir).ok
-
-
-def executor_members(executor: RayExecutor) -> list[Any]:
-    return list(executor.members)
 
 
 def test_a_stop_stops_every_member(cluster: str, models: Path) -> None:
