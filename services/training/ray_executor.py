@@ -10,9 +10,13 @@ keeps a single-machine cluster on 127.0.0.1.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
+import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -31,6 +35,8 @@ log = logging.getLogger("oneseek.training.ray")
 
 POLL_SECONDS = 0.1
 """How often the orchestrator collects the actors' steps (and passes on a stop)."""
+PROBE_SECONDS = 60
+"""How long a StartRun waits for the cluster to say what it has (the gateway waits 60 s)."""
 RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -42,6 +48,9 @@ def connect(address: str) -> Any:
     import ray
 
     if not ray.is_initialized():
+        # Ray sets its own SIGTERM handler; the worker's (stop after the current step) stays
+        main = threading.current_thread() is threading.main_thread()
+        handler = signal.getsignal(signal.SIGTERM) if main else None
         ray.init(
             address=None if address == "local" else address,
             include_dashboard=False,
@@ -49,6 +58,8 @@ def connect(address: str) -> Any:
             runtime_env={"env_vars": dict(RAY_ENV)},
             num_cpus=(os.cpu_count() or 2) if address == "local" else None,
         )
+        if main and handler is not None:
+            signal.signal(signal.SIGTERM, handler)
     return ray
 
 
@@ -251,17 +262,42 @@ class RayExecutor:
         self.actors = []
 
 
+_CLUSTER_PROBE = """
+import json, sys
+from services.training.ray_executor import connect
+print(json.dumps(connect(sys.argv[1]).cluster_resources()))
+"""
+
+
+def cluster_resources(address: str) -> dict[str, float]:
+    """The cluster's total resources, asked by a short child process: the training service
+    itself never becomes a Ray driver (Ray would take over its signals and threads)."""
+    try:
+        probe = subprocess.run(
+            [sys.executable, "-c", _CLUSTER_PROBE, address],
+            capture_output=True,
+            text=True,
+            timeout=PROBE_SECONDS,
+            env={**os.environ, **RAY_ENV},
+        )
+    except subprocess.TimeoutExpired:
+        probe = subprocess.CompletedProcess([], 1, "", f"no answer within {PROBE_SECONDS} s")
+    if probe.returncode != 0:
+        lines = [line for line in probe.stderr.strip().splitlines() if line.strip()]
+        reason = lines[-1] if lines else "no reason given"
+        raise Unavailable(
+            f"The Ray cluster at {address} is out of reach ({reason}). "
+            "Start it (ray start --head), point --ray-address at its head, and give this "
+            "service its auth settings (RAY_AUTH_MODE, the token)."
+        )
+    resources: dict[str, float] = json.loads(probe.stdout.strip().splitlines()[-1])
+    return resources
+
+
 def cluster_check(address: str, placements: Sequence[training_pb2.Placement]) -> None:
     """InvalidInput naming the shortfall when the cluster cannot host every member at once
     (Ray would otherwise wait for resources forever); Unavailable when it is out of reach."""
-    try:
-        total = connect(address).cluster_resources()
-    except (ConnectionError, RuntimeError) as error:
-        raise Unavailable(
-            f"The Ray cluster at {address} is out of reach ({error}). Start it (ray start "
-            "--head), point --ray-address at its head, and give this service its auth "
-            "settings (RAY_AUTH_MODE, the token)."
-        ) from error
+    total = cluster_resources(address)
     gpus_needed = sum(1 for p in placements if p.device.startswith("cuda"))
     cpus_needed = len(placements) - gpus_needed
     short = []
