@@ -1,7 +1,7 @@
 """Every bench of bench/README.md in one go: prints a table of the figures against their
 targets and writes bench/results.json (`make bench`).
 
-    .venv/bin/python bench/run.py [--quick] [--only train|live|mid]
+    .venv/bin/python bench/run.py [--quick] [--only train|live|mid|ray]
 
 --quick: small settings (a few minutes), for development; the figures are then only a hint.
 """
@@ -23,6 +23,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import live  # after the environment above
 import mid_model
+import ray_executor
 import train_throughput
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
@@ -97,6 +98,14 @@ ROWS: list[tuple[str, str, str, Check | None, str | None]] = [
     ("bf16_tokens_per_second_ratio_vs_fp32", "mid LoRA tokens/s, bf16 / fp32", "", None, None),
     ("bf16_peak_memory_ratio_vs_fp32", "mid LoRA peak memory, bf16 / fp32", "", None, None),
     (
+        "ray_ratio_vs_local",
+        "ray executor / local (2 members)",
+        ">= 0.9",
+        lambda v: v >= 0.9,
+        "local_epoch_seconds",
+    ),
+    ("ray_barrier_ms", "  barrier: rules + learning rates ms", "", None, None),
+    (
         "memory_estimate_error",
         "memory estimate, worst |error|",
         "<= 0.25",
@@ -124,7 +133,7 @@ def table(results: dict[str, Any]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small settings, for development")
-    parser.add_argument("--only", choices=("train", "live", "mid"))
+    parser.add_argument("--only", choices=("train", "live", "mid", "ray"))
     args = parser.parse_args()
     started = time.monotonic()
     results: dict[str, Any] = {}
@@ -137,6 +146,8 @@ def main() -> int:
             results.update(train_throughput.run(work / "demo", rounds=rounds))
         if args.only in (None, "mid"):
             results.update(mid_model.run(work / "mid", quick=args.quick))
+        if args.only in (None, "ray"):
+            results.update(ray_executor.run(work / "ray", epochs=2 if args.quick else 4))
     results["load_average_after"] = os.getloadavg()[0]
     results["seconds"] = round(time.monotonic() - started, 1)
     # every other key is a number; what the figures were measured on is under "about"

@@ -35,8 +35,8 @@ log = logging.getLogger("oneseek.training.ray")
 
 POLL_SECONDS = 0.1
 """How often the orchestrator collects the actors' steps (and passes on a stop)."""
-PROBE_SECONDS = 60
-"""How long a StartRun waits for the cluster to say what it has (the gateway waits 60 s)."""
+PROBE_SECONDS = 30
+"""How long a StartRun waits for the cluster to say what it has (within the gateway's 60 s)."""
 RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "TOKENIZERS_PARALLELISM": "false"}
 
 
