@@ -57,3 +57,22 @@ def test_imports_go_down_the_floors(path: Path) -> None:
 
 def test_every_package_is_checked() -> None:
     assert {package_of(path) for path in SOURCES} == set(MAY_IMPORT)
+
+
+def test_the_local_executor_never_imports_ray() -> None:
+    """A training service and its worker on the default executor import nothing of Ray, even
+    with Ray installed (it is an optional extra)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import services.training.server, services.training.worker, services.cli\n"
+        "from services.training.executors import ExecutorSettings\n"
+        "ExecutorSettings().create()\n"
+        "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
+    )
+    assert out.stdout.strip() == "[]", out.stdout
