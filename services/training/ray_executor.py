@@ -175,8 +175,12 @@ class RemoteMember:
 
 
 def lost(name: str, error: BaseException) -> MemberLost:
+    """MemberLost saying why, as far as Ray knows (an error its creation raised, say)."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    why = f" Ray says: {lines[-1][:300]}" if lines else ""
     return MemberLost(
-        f"Model '{name}' lost its Ray actor ({type(error).__name__}): its process or node died."
+        f"Model '{name}' lost its Ray actor ({type(error).__name__}): its process or node "
+        f"died.{why}"
     )
 
 

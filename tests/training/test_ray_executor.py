@@ -118,6 +118,9 @@ def test_ray_trains_as_local_does(cluster: str, models: Path) -> None:
     assert announced(remote_events) == announced(local_events)
     assert [e["seq"] for e in remote_events] == list(range(1, len(remote_events) + 1))
     assert verify_run_folder(remote.run_dir).ok
+    # the one visible difference: where each member ran
+    assert all(p["node"] == "" for p in local.placements)
+    assert all("/" in p["node"] for p in remote.placements), remote.placements
 
 
 def kill(executor: RayExecutor, name: str) -> int:
@@ -154,6 +157,33 @@ def test_a_killed_member_actor_costs_only_time(cluster: str, models: Path, when:
     assert starts == ([1, 2, 2] if when == "mid-epoch" else [1, 2])
     assert logged == seen
     assert verify_run_folder(run_dir).ok
+
+
+def test_a_member_that_keeps_dying_fails_the_run_resumable(cluster: str, models: Path) -> None:
+    config = config_from_body(REQUEST)
+    folder = RunFolder.create(models, "run-20260301-000007")
+    folder.write_manifest(config, [])
+    executor = RayExecutor(cluster)
+
+    def kill_every_time(step: StepInfo) -> None:
+        if step.step == 1:
+            kill(executor, step.model)
+
+    run = TrainingRun(
+        config,
+        run_id=folder.run_id,
+        models=resolve_models(MODELS, models),
+        dataset=load_dataset("sample", REPO / "datasets"),
+        folder=folder,
+        events=EventLog(folder.run_id, path=folder.path / EVENTS_FILE),
+        on_step=kill_every_time,
+        executor=executor,
+        max_member_restarts=1,
+    )
+    summary = run.run()
+    assert summary.status == training_pb2.RUN_STATUS_FAILED and summary.resumable
+    assert summary.error is not None and "more than the 1 restart(s) allowed" in summary.error
+    assert run.restarts == 2
 
 
 def test_a_stop_stops_every_member(cluster: str, models: Path) -> None:

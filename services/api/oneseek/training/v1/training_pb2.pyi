@@ -474,6 +474,7 @@ class Placement(_message.Message):
     ACTIVATION_BYTES_FIELD_NUMBER: _builtins.int
     OFFLOADED_FIELD_NUMBER: _builtins.int
     OVERHEAD_BYTES_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     device: _builtins.str
     """The device it trains on: "cuda:0", "cuda:1", ... or "cpu"."""
@@ -491,6 +492,8 @@ class Placement(_message.Message):
     """
     overhead_bytes: _builtins.int
     """On a CPU: the runtime's own memory, and the checkpoint read while its weights are converted."""
+    node: _builtins.str
+    """With the ray executor: the Ray node and process its actor ran in (training_results.json)."""
     def __init__(
         self,
         *,
@@ -504,10 +507,11 @@ class Placement(_message.Message):
         activation_bytes: _builtins.int = ...,
         offloaded: _builtins.bool = ...,
         overhead_bytes: _builtins.int = ...,
+        node: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["activation_bytes", b"activation_bytes", "device", b"device", "estimated_bytes", b"estimated_bytes", "gradient_bytes", b"gradient_bytes", "model", b"model", "offloaded", b"offloaded", "optimizer_bytes", b"optimizer_bytes", "overhead_bytes", b"overhead_bytes", "precision", b"precision", "weight_bytes", b"weight_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activation_bytes", b"activation_bytes", "device", b"device", "estimated_bytes", b"estimated_bytes", "gradient_bytes", b"gradient_bytes", "model", b"model", "node", b"node", "offloaded", b"offloaded", "optimizer_bytes", b"optimizer_bytes", "overhead_bytes", b"overhead_bytes", "precision", b"precision", "weight_bytes", b"weight_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
