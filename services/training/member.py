@@ -24,7 +24,7 @@ from services.api.run_config import RunConfig, is_lora
 from services.training.checkpoints import CheckpointMismatch, MemberState
 from services.training.data import Batch, Record, make_batches, tokenize_records
 from services.training.models import BaseModelInfo, load_model, load_tokenizer
-from services.training.precision import Numerics
+from services.training.precision import Numerics, bf16_gpu, resolve_precision
 
 
 def derive_seed(seed: int, *parts: object) -> int:
@@ -167,6 +167,9 @@ class PopulationMember:
         # an offloaded member waits in host memory and comes onto its device for its turns
         self.home = torch.device("cpu") if placement.offloaded else self.device
         precision = enum_to_str(training_pb2.Precision.DESCRIPTOR, placement.precision) or "fp32"
+        if precision == "auto":  # placed on a cluster's GPU: only here is the GPU known
+            cuda = self.device.type == "cuda"
+            precision = resolve_precision("auto", self.device.type, cuda and bf16_gpu())
         self.numerics = Numerics(precision, self.device.type, is_lora(config))
         self.scaler = self.numerics.scaler()
         # the two settings it uses between epochs; the rest is spent building it

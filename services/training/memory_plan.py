@@ -389,15 +389,49 @@ def plan_members(
     return plan_run(config, models, dataset_estimator(records), devices)
 
 
+def plan_on_cluster_gpus(
+    config: RunConfig, models: Sequence[BaseModelInfo], records: Sequence[Record]
+) -> list[training_pb2.Placement]:
+    """With the ray executor on a cluster with GPUs: each member an actor with a GPU of its own
+    (inside it, cuda:0). Ray does not say how much memory its nodes' GPUs have, so each member's
+    estimate is reported, not checked against one; `auto` precision is resolved by the member
+    on its GPU."""
+    requested = _option(config, "precision")
+    numerics = Numerics(resolve_precision(requested, "cuda", True), "cuda", is_lora(config))
+    estimate = dataset_estimator(records)
+    placements = []
+    for info in models:
+        need = estimate(info, config, numerics)
+        placements.append(
+            training_pb2.Placement(
+                model=info.name,
+                device="cuda:0",
+                precision=config.precision,
+                estimated_bytes=need.total,
+                weight_bytes=need.weights,
+                gradient_bytes=need.gradients,
+                optimizer_bytes=need.optimizer,
+                activation_bytes=need.activations,
+                overhead_bytes=need.overhead,
+            )
+        )
+    return placements
+
+
 def planned_models(
     config: RunConfig,
     models: Sequence[BaseModelInfo],
     records: Sequence[Record],
     devices: Sequence[Device] | None = None,
+    *,
+    cluster_gpus: int = 0,
 ) -> list[dict[str, Any]]:
     """The run's models as its Run message lists them (ModelInfo, JSON shape), each with its
-    placement."""
-    placements = plan_members(config, models, records, devices)
+    placement: on this machine's devices, or, with `cluster_gpus`, a GPU each in a cluster."""
+    if cluster_gpus:
+        placements = plan_on_cluster_gpus(config, models, records)
+    else:
+        placements = plan_members(config, models, records, devices)
     return [
         {**info.to_dict(), "placement": message_to_dict(placement)}
         for info, placement in zip(models, placements, strict=True)

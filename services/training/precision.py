@@ -25,6 +25,11 @@ DTYPES: dict[str, torch.dtype] = {
 BYTES: dict[str, int] = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
+def bf16_gpu() -> bool:
+    """Whether this process's current CUDA device computes in bf16 (Ampere and newer)."""
+    return bool(torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0))
+
+
 def resolve_precision(requested: str, device_type: str, bf16_supported: bool = False) -> str:
     """`requested` for a device: `auto` is bf16 on a CUDA device that supports it, fp16 on
     one that does not, fp32 on a CPU; anything else stays as it is."""

@@ -298,10 +298,9 @@ def cluster_resources(address: str) -> dict[str, float]:
     return resources
 
 
-def cluster_check(address: str, placements: Sequence[training_pb2.Placement]) -> None:
-    """InvalidInput naming the shortfall when the cluster cannot host every member at once
-    (Ray would otherwise wait for resources forever); Unavailable when it is out of reach."""
-    total = cluster_resources(address)
+def cluster_check(total: Mapping[str, float], placements: Sequence[training_pb2.Placement]) -> None:
+    """InvalidInput naming the shortfall when a cluster of `total` resources cannot host every
+    member at once (Ray would otherwise wait for resources forever)."""
     gpus_needed = sum(1 for p in placements if p.device.startswith("cuda"))
     cpus_needed = len(placements) - gpus_needed
     short = []

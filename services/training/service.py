@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +22,12 @@ from services.core.errors import Conflict, InvalidInput, NotFound, OneSeekError
 from services.core.layout import ARTIFACTS, EVENTS_FILE, MANIFEST_FILE, certified_root
 from services.core.training_config import TRAINING_CONFIG, generate_run_id, validate_run_id
 from services.training.checkpoints import latest_checkpoint
-from services.training.data import load_dataset
+from services.training.data import Record, load_dataset
 from services.training.events import read_events
 from services.training.executors import ExecutorSettings
 from services.training.hub import Event, EventHub, RunRecord
 from services.training.memory_plan import placements_of, planned_models
-from services.training.models import resolve_models
+from services.training.models import BaseModelInfo, resolve_models
 from services.training.run_folder import RunFolder
 from services.training.worker import WorkerHandle
 
@@ -152,19 +152,22 @@ class TrainingService:
         must load (bad records refused), and the run must fit this machine."""
         models = resolve_models(list(config.base_models), self.models_root)
         dataset = load_dataset(config.dataset_id, self.datasets_root)
-        planned = planned_models(config, models, dataset.records)
-        self._check_cluster(planned)
-        return planned
+        return self._plan(config, models, dataset.records)
 
-    def _check_cluster(self, planned: list[dict[str, Any]]) -> None:
-        """With the ray executor: the cluster can host every member at once (a 400 naming the
-        shortfall, never a run waiting forever for resources)."""
+    def _plan(
+        self, config: RunConfig, models: Sequence[BaseModelInfo], records: Sequence[Record]
+    ) -> list[dict[str, Any]]:
+        """The memory plan: on this machine (local), or in the Ray cluster, which must host
+        every member at once (a 400 naming the shortfall, never a run waiting forever)."""
         if self.executor.kind != "ray":
-            return
-        from services.training.ray_executor import cluster_check
+            return planned_models(config, models, records)
+        from services.training.ray_executor import cluster_check, cluster_resources
 
-        placements = placements_of(planned)
-        cluster_check(self.executor.ray_address, placements or [])
+        resources = cluster_resources(self.executor.ray_address)
+        gpus = int(resources.get("GPU", 0))
+        planned = planned_models(config, models, records, cluster_gpus=gpus)
+        cluster_check(resources, placements_of(planned) or [])
+        return planned
 
     def _create_folder(self, config: RunConfig, models: list[dict[str, Any]]) -> RunFolder:
         root = certified_root(self.models_root)
@@ -236,8 +239,7 @@ class TrainingService:
         models = resolve_models(list(record.config.base_models), self.models_root)
         dataset = load_dataset(record.config.dataset_id, self.datasets_root)
         # planned afresh: the machine's free memory, even its GPUs, may have changed
-        record.models = planned_models(record.config, models, dataset.records)
-        self._check_cluster(record.models)
+        record.models = self._plan(record.config, models, dataset.records)
         record.state.models = record.model_infos()
         record.folder.write_manifest(record.config, record.models)
         checkpoint = latest_checkpoint(record.folder.path)

@@ -84,3 +84,15 @@ def test_the_loss_is_computed_from_fp32_logits() -> None:
     loss = fp32_loss(logits, labels)
     assert loss.dtype == torch.float32
     assert torch.equal(loss, expected)
+
+
+def test_a_member_placed_with_auto_resolves_it_where_it_runs(demo_models_dir: Path) -> None:
+    """A cluster's GPU is known only to the actor on it; on a CPU, auto is fp32."""
+    from services.api import training_pb2
+
+    config = build_config({"dataset_id": "sample", "base_models": ["tiny-llama"]})
+    (info,) = resolve_models(["tiny-llama"], demo_models_dir)
+    records = load_dataset("sample", REPO / "datasets").records
+    placement = training_pb2.Placement(device="cpu", precision=training_pb2.PRECISION_AUTO)
+    member = PopulationMember(config, info, records[:8], records[8:10], placement)
+    assert member.numerics.precision == "fp32"

@@ -17,19 +17,26 @@ import pytest
 from services.api import training_pb2
 from services.api.codec import event_to_dict
 from services.api.run_config import config_from_body
-from services.core.errors import InvalidInput
+from services.core.errors import InvalidInput, Unavailable
 from services.core.verify import verify_run_folder
 from services.training.data import load_dataset
 from services.training.events import EVENTS_FILE, EventLog, read_events
 from services.training.executors import Executor, LocalExecutor
 from services.training.member import StepInfo
+from services.training.memory_plan import placements_of, planned_models
 from services.training.models import resolve_models
 from services.training.population import TrainingRun
 from services.training.run_folder import RunFolder, RunSummary
 from tests.conftest import REPO
+from tests.processes import free_port
 
 ray = pytest.importorskip("ray")
-from services.training.ray_executor import RAY_ENV, RayExecutor, cluster_check  # noqa: E402
+from services.training.ray_executor import (  # noqa: E402
+    RAY_ENV,
+    RayExecutor,
+    cluster_check,
+    cluster_resources,
+)
 
 pytestmark = pytest.mark.slow
 MODELS = ["tiny-llama", "tiny-gpt2"]
@@ -202,16 +209,38 @@ def test_a_stop_stops_every_member(cluster: str, models: Path) -> None:
 
 
 def test_a_run_the_cluster_cannot_host_is_refused(cluster: str) -> None:
+    resources = cluster_resources(cluster)  # asked as the service asks: from a child process
+    assert resources["CPU"] == 2 and resources.get("GPU", 0) == 0
     on_cpu = [training_pb2.Placement(model=f"m{i}", device="cpu") for i in range(3)]
     with pytest.raises(InvalidInput) as refused:
-        cluster_check(cluster, on_cpu)
+        cluster_check(resources, on_cpu)
     assert refused.value.field == "baseModels"
     assert "3 CPU(s), and it has 2" in str(refused.value)
     on_gpu = [training_pb2.Placement(model="m0", device="cuda:0")]
     with pytest.raises(InvalidInput) as no_gpu:
-        cluster_check(cluster, on_gpu)
+        cluster_check(resources, on_gpu)
     assert "1 GPU(s), and it has 0" in str(no_gpu.value)
-    cluster_check(cluster, on_cpu[:2])  # two fit
+    cluster_check(resources, on_cpu[:2])  # two fit
+    cluster_check({"CPU": 1.0, "GPU": 2.0}, [*on_gpu, on_gpu[0], on_cpu[0]])
+
+
+def test_an_unreachable_cluster_is_unavailable() -> None:
+    with pytest.raises(Unavailable) as unreachable:
+        cluster_resources(f"127.0.0.1:{free_port()}")
+    assert "out of reach" in str(unreachable.value)
+
+
+def test_on_a_cluster_with_gpus_each_member_asks_for_one(demo_models_dir: Path) -> None:
+    config = config_from_body({**REQUEST, "precision": "auto"})
+    infos = resolve_models(MODELS, demo_models_dir)
+    records = load_dataset("sample", REPO / "datasets").records
+    planned = planned_models(config, infos, records, cluster_gpus=4)
+    placements = placements_of(planned) or []
+    assert [(p.model, p.device) for p in placements] == [(m, "cuda:0") for m in MODELS]
+    assert all(p.precision == training_pb2.PRECISION_AUTO for p in placements)
+    assert all(p.estimated_bytes > 0 and p.overhead_bytes == 0 for p in placements)
+    with pytest.raises(InvalidInput):
+        cluster_check({"CPU": 8.0, "GPU": 1.0}, placements)
 
 
 RAY_PROCESSES = ('(("ray::', '(("raylet"', '(("gcs_server"')
