@@ -16,10 +16,13 @@ import grpc
 import pytest
 
 from services.api import training_pb2, training_pb2_grpc
+from services.core.errors import Unavailable
 from services.core.verify import verify_run_folder
 from tests.processes import ServiceProcess, free_port, start_when_idle, workspace_env
 
 pytest.importorskip("ray")
+from services.training.ray_executor import cluster_resources
+
 pytestmark = pytest.mark.slow
 
 RAY = str(Path(sys.executable).parent / "ray")
@@ -27,18 +30,31 @@ RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"
 
 
 @pytest.fixture(scope="module")
-def ray_head() -> Iterator[str]:
-    """`ray start --head` with 2 CPUs on 127.0.0.1; stopped (all its processes) after."""
+def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`ray start --head --block` with 2 CPUs on 127.0.0.1, in its own temp folder; stopping
+    that one process stops its cluster (not any other Ray on the machine)."""
     port = free_port()
     env = {**os.environ, **RAY_ENV}
-    head = [RAY, "start", "--head", "--port", str(port), "--num-cpus", "2"]
+    head = [RAY, "start", "--head", "--block", "--port", str(port), "--num-cpus", "2"]
     head += ["--node-ip-address", "127.0.0.1", "--include-dashboard", "false"]
-    head += ["--disable-usage-stats"]
-    subprocess.run(head, env=env, check=True, capture_output=True, timeout=180)
+    head += ["--disable-usage-stats", "--temp-dir", str(tmp_path_factory.mktemp("ray"))]
+    log = tmp_path_factory.mktemp("ray-log") / "head.log"
+    with open(log, "wb") as output:
+        process = subprocess.Popen(head, env=env, stdout=output, stderr=subprocess.STDOUT)
+    address = f"127.0.0.1:{port}"
     try:
-        yield f"127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:  # up once the GCS answers (the service asks it the same way)
+            try:
+                cluster_resources(address)
+                break
+            except Unavailable:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the Ray head did not start:\n{log.read_text()}") from None
+        yield address
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=180)
+        process.terminate()
+        process.wait(timeout=120)
 
 
 @pytest.fixture
