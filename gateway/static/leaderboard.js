@@ -118,6 +118,7 @@ function updateRow(row, data, context) {
   row.querySelector(".device-name").textContent = placement?.device
     ? `${placement.device}${placement.offloaded ? " ⇄" : ""}`
     : "—";
+  row.querySelector(".device-name").title = placement?.node ? `Ray node ${placement.node}` : "";
   row.querySelector(".device-need").textContent = placement
     ? `~${formatBytes(placement.estimated_bytes)} ${placement.precision ?? ""}`.trim()
     : "";

@@ -127,6 +127,13 @@ export function applyEvent(run, event, now = 0) {
       run.weights = { ...run.weights, ...mapOrEmpty(event.weights) };
       run.lrMultipliers = { ...run.lrMultipliers, ...mapOrEmpty(event.lr_multipliers) };
       addNames(run, Object.keys(mapOrEmpty(event.weights)));
+      // the ray executor says on which node each member runs
+      if (Array.isArray(event.placement) && event.placement.length) {
+        const placed = new Map(event.placement.map((p) => [p.model, p]));
+        run.models = run.models.map((model) =>
+          placed.has(model.name) ? { ...model, placement: placed.get(model.name) } : model,
+        );
+      }
       break;
     case "progress":
       run.runningEpoch = Math.max(run.runningEpoch, event.epoch ?? 0);

@@ -141,6 +141,10 @@ class RunState:
     def _on_epoch_start(self, start: training_pb2.EpochStart, seq: int) -> None:
         self._merge(start.weights, start.lr_multipliers)
         self.error = None
+        placed = {placement.model: placement for placement in start.placement}
+        for model in self.models:  # the ray executor says on which node each member runs
+            if model.name in placed:
+                model.placement.CopyFrom(placed[model.name])
 
     def _on_progress(self, progress: training_pb2.Progress, seq: int) -> None:
         self.progress_percent = progress.progress_percent

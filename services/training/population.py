@@ -104,6 +104,8 @@ class Population:
         self.stop = stop
         self.on_step = on_step
         self.executor: Executor = executor or LocalExecutor()
+        self.placements: list[training_pb2.Placement] = []
+        """Each member's, as its executor placed it (TrainingRun.prepare sets them)."""
         self.members: list[Any] = []
         """PopulationMembers (local), or handles on members elsewhere (see executors.py)."""
         self.epoch = progress.epoch  # the one training, or the last one done
@@ -125,6 +127,7 @@ class Population:
         start = training_pb2.EpochStart(epoch=epoch, total_epochs=self.config.epochs)
         start.weights.update(self.progress.weights)
         start.lr_multipliers.update(lrs)
+        start.placement.extend(p for p in self.placements if p.node)
         self.events.emit("epoch_start", start)
         return self.executor.train_epoch(self.members, epoch, self.stop.is_set, self._stepped)
 
@@ -286,6 +289,7 @@ class TrainingRun:
         self.population.members = self.executor.build(cfg, self.infos, train, validation, where)
         for member in self.population.members:  # where an executor put it, if it says
             where[member.name].node = str(getattr(member, "node", "") or "")
+        self.population.placements = list(self.placements)
 
     def run(self) -> RunSummary:
         self._started = time.monotonic()

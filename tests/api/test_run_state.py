@@ -202,3 +202,22 @@ def test_leaderboard_order_is_by_loss_then_name(val_losses: dict[str, float]) ->
     assert keys == sorted(keys)
     assert [e.rank for e in entries] == list(range(1, len(val_losses) + 1))
     assert all(math.isfinite(e.lr_multiplier) for e in entries)
+
+
+def test_an_epoch_start_that_says_where_members_run_updates_their_placement() -> None:
+    """The ray executor names each member's node in epoch_start: metrics and initial_state
+    show it; a member it does not name keeps the plan's placement."""
+    planned = training_pb2.Placement(model="a", device="cpu", estimated_bytes=100)
+    models = [
+        training_pb2.ModelInfo(name="a", placement=planned),
+        training_pb2.ModelInfo(name="b", placement=training_pb2.Placement(model="b", device="cpu")),
+    ]
+    state = RunState("run-20260101-000001", models=models)
+    start = training_pb2.TrainingEvent(run_id="run-20260101-000001", seq=1)
+    start.epoch_start.epoch = 1
+    start.epoch_start.placement.add(model="a", device="cpu", estimated_bytes=100, node="ab12/77")
+    assert state.apply(start)
+    nodes = {p.model: p.node for p in state.metrics().placement}
+    assert nodes == {"a": "ab12/77", "b": ""}
+    shown = state.initial_state(now_timestamp()).initial_state.models
+    assert [m.placement.node for m in shown] == ["ab12/77", ""]

@@ -70,3 +70,44 @@ def test_the_page_reads_a_resumed_run_as_running_then_completed() -> None:
     ending, summary = seen[-2], seen[-1]
     assert ending["status"] == "completed" and ending["error"] is None
     assert summary == {"history": [1, 2, 3], "lastSeq": events[-1].seq}
+
+
+PLACEMENT_SCRIPT = """
+const source = require("fs").readFileSync(process.argv[1], "utf8");
+const input = JSON.parse(require("fs").readFileSync(0, "utf8"));
+import("data:text/javascript," + encodeURIComponent(source)).then((m) => {
+  const run = m.createRun(input.run_id);
+  for (const event of input.events) m.applyEvent(run, event);
+  console.log(JSON.stringify(run.models.map((model) => model.placement)));
+});
+"""
+
+
+def test_the_page_shows_the_node_an_epoch_start_names_as_the_services_fold_does() -> None:
+    from services.api import training_pb2
+    from services.api.codec import message_to_dict, now_timestamp
+    from services.api.run_state import RunState
+
+    planned = [
+        training_pb2.ModelInfo(name=n, placement=training_pb2.Placement(model=n, device="cpu"))
+        for n in ("a", "b")
+    ]
+    state = RunState(RUN_ID, models=planned)
+    first = state.initial_state(now_timestamp())
+    start = training_pb2.TrainingEvent(run_id=RUN_ID, seq=1, timestamp=now_timestamp())
+    start.epoch_start.epoch = 1
+    start.epoch_start.placement.add(model="a", device="cpu", node="ab12/77")
+    state.apply(start)
+    payload = {"run_id": RUN_ID, "events": [event_to_dict(first), event_to_dict(start)]}
+    assert NODE is not None
+    result = subprocess.run(
+        [NODE, "-e", PLACEMENT_SCRIPT, str(REPO / "gateway" / "static" / "run_state.js")],
+        input=json.dumps(payload),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    shown = json.loads(result.stdout)
+    assert [p["node"] for p in shown] == ["ab12/77", ""]
+    assert shown == [message_to_dict(m.placement) for m in state.models]

@@ -125,9 +125,12 @@ def test_ray_trains_as_local_does(cluster: str, models: Path) -> None:
     assert announced(remote_events) == announced(local_events)
     assert [e["seq"] for e in remote_events] == list(range(1, len(remote_events) + 1))
     assert verify_run_folder(remote.run_dir).ok
-    # the one visible difference: where each member ran
+    # the one visible difference: where each member ran, said by each epoch_start
     assert all(p["node"] == "" for p in local.placements)
     assert all("/" in p["node"] for p in remote.placements), remote.placements
+    starts = [e for e in remote_events if e["type"] == "epoch_start"]
+    assert all(sorted(p["model"] for p in e["placement"]) == sorted(MODELS) for e in starts), starts
+    assert all(e["placement"] == [] for e in local_events if e["type"] == "epoch_start")
 
 
 def kill(executor: RayExecutor, name: str) -> int:

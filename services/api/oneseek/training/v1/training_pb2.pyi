@@ -973,12 +973,19 @@ class EpochStart(_message.Message):
     TOTAL_EPOCHS_FIELD_NUMBER: _builtins.int
     WEIGHTS_FIELD_NUMBER: _builtins.int
     LR_MULTIPLIERS_FIELD_NUMBER: _builtins.int
+    PLACEMENT_FIELD_NUMBER: _builtins.int
     epoch: _builtins.int
     total_epochs: _builtins.int
     @_builtins.property
     def weights(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
     @_builtins.property
     def lr_multipliers(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
+    @_builtins.property
+    def placement(self) -> _containers.RepeatedCompositeFieldContainer[Global___Placement]:
+        """Where each member trains this epoch, when an executor says more than the plan did (the
+        ray executor: each member's node); empty otherwise.
+        """
+
     def __init__(
         self,
         *,
@@ -986,10 +993,11 @@ class EpochStart(_message.Message):
         total_epochs: _builtins.int = ...,
         weights: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         lr_multipliers: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        placement: _abc.Iterable[Global___Placement] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "lr_multipliers", b"lr_multipliers", "total_epochs", b"total_epochs", "weights", b"weights"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "lr_multipliers", b"lr_multipliers", "placement", b"placement", "total_epochs", b"total_epochs", "weights", b"weights"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
