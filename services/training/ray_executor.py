@@ -136,8 +136,14 @@ class RemoteMember:
 
     def __init__(self, ray: Any, actor: Any, name: str) -> None:
         self.ray, self.actor, self._name = ray, actor, name
-        self._steps_per_epoch, self.node = self._get(actor.where.remote())
+        self._where = actor.where.remote()  # answered once the actor has built its member
+        self._steps_per_epoch, self.node = 0, ""
         self.last_loss = math.nan
+
+    def ready(self) -> RemoteMember:
+        """Waits until the actor has built its member; MemberLost if building it failed."""
+        self._steps_per_epoch, self.node = self._get(self._where)
+        return self
 
     @property
     def name(self) -> str:
@@ -220,8 +226,9 @@ class RayExecutor:
             ).remote(settings, info, train_ref, validation_ref, placement.SerializeToString())
             self.actors.append(actor)
             members.append(RemoteMember(ray, actor, info.name))
-        self.members = members
-        return members
+        # every actor builds its member at once; then each is asked whether it succeeded
+        self.members = [member.ready() for member in members]
+        return list(self.members)
 
     def train_epoch(
         self, members: Sequence[Any], epoch: int, stop: Callable[[], bool], on_step: OnStep
