@@ -11,39 +11,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 from services.api import training_pb2
 from services.api.run_config import RunConfig
 from services.core.errors import OneSeekError
-from services.training.checkpoints import MemberState
 from services.training.data import Record
 from services.training.member import PopulationMember, StepInfo
 from services.training.models import BaseModelInfo
 
 EXECUTORS = ("local", "ray")
 DEFAULT_MAX_MEMBER_RESTARTS = 3
-
-
-class Member(Protocol):
-    """What the population asks of a member, wherever it lives."""
-
-    @property
-    def name(self) -> str: ...
-
-    @property
-    def steps_per_epoch(self) -> int: ...
-
-    def running_loss(self) -> float: ...
-
-    def set_learning_rate(self, rate: float) -> float: ...
-
-    def state(self) -> MemberState: ...
-
-    def load_state(self, state: MemberState, source: str = "The checkpoint") -> None: ...
-
-    def save(self, folder: Path) -> None: ...
 
 
 OnStep = Callable[[Any, StepInfo], None]

@@ -154,6 +154,9 @@ class StepInfo:
 class PopulationMember:
     """One base model, wrapped for training, with its own optimizer and tokenized split."""
 
+    node = ""
+    """Where it runs when not in the run's own process (a Ray executor's handle says)."""
+
     def __init__(
         self,
         config: RunConfig,
@@ -191,9 +194,12 @@ class PopulationMember:
             trainable, lr=config.learning_rate, weight_decay=config.weight_decay
         )
         examples = tokenize_records(validation, self.tokenizer, config.max_seq_length)
-        self.val_batches = make_batches(
+        batches = make_batches(
             examples, config.batch_size, self.tokenizer.pad_token_id, shuffle_seed=None
         )
+        # on its device once, unless the member leaves it between turns
+        resident = self.home == self.device
+        self.val_batches = [self._to_device(b) for b in batches] if resident else batches
         self.train_examples = tokenize_records(train, self.tokenizer, config.max_seq_length)
         self._losses: list[torch.Tensor] = []
         self._counts: list[int] = []

@@ -246,12 +246,6 @@ def _option(config: RunConfig, name: str) -> str:
     )
 
 
-def _needs(
-    models: Sequence[BaseModelInfo], config: RunConfig, numerics: Numerics, estimate: Estimator
-) -> dict[str, MemoryEstimate]:
-    return {info.name: estimate(info, config, numerics) for info in models}
-
-
 def _need(name: str, estimate: MemoryEstimate, config: RunConfig) -> Need:
     quantized = config.quantization == training_pb2.QUANTIZATION_4BIT
     return Need(name, estimate.resident, estimate.transient, movable=not quantized)
@@ -264,22 +258,11 @@ def _placements(
     estimate: Estimator,
 ) -> list[training_pb2.Placement]:
     numerics = run_numerics(config, devices)
-    estimates = _needs(models, config, numerics, estimate)
+    estimates = {info.name: estimate(info, config, numerics) for info in models}
     slots = place([_need(n, e, config) for n, e in estimates.items()], devices)
     precision = enum_from_str(training_pb2.Precision.DESCRIPTOR, numerics.precision)
     return [
-        training_pb2.Placement(
-            model=slot.model,
-            device=slot.device,
-            precision=precision,  # type: ignore[arg-type]
-            estimated_bytes=estimates[slot.model].total,
-            weight_bytes=estimates[slot.model].weights,
-            gradient_bytes=estimates[slot.model].gradients,
-            optimizer_bytes=estimates[slot.model].optimizer,
-            activation_bytes=estimates[slot.model].activations,
-            overhead_bytes=estimates[slot.model].overhead,
-            offloaded=slot.offloaded,
-        )
+        estimates[slot.model].placement(slot.model, slot.device, precision, slot.offloaded)
         for slot in slots
     ]
 
@@ -399,23 +382,10 @@ def plan_on_cluster_gpus(
     requested = _option(config, "precision")
     numerics = Numerics(resolve_precision(requested, "cuda", True), "cuda", is_lora(config))
     estimate = dataset_estimator(records)
-    placements = []
-    for info in models:
-        need = estimate(info, config, numerics)
-        placements.append(
-            training_pb2.Placement(
-                model=info.name,
-                device="cuda:0",
-                precision=config.precision,
-                estimated_bytes=need.total,
-                weight_bytes=need.weights,
-                gradient_bytes=need.gradients,
-                optimizer_bytes=need.optimizer,
-                activation_bytes=need.activations,
-                overhead_bytes=need.overhead,
-            )
-        )
-    return placements
+    return [
+        estimate(info, config, numerics).placement(info.name, "cuda:0", config.precision)
+        for info in models
+    ]
 
 
 def planned_models(

@@ -287,8 +287,8 @@ class TrainingRun:
         self.split_counts = (len(train), len(validation))
         where = {placement.model: placement for placement in self.placements}
         self.population.members = self.executor.build(cfg, self.infos, train, validation, where)
-        for member in self.population.members:  # where an executor put it, if it says
-            where[member.name].node = str(getattr(member, "node", "") or "")
+        for member in self.population.members:  # where the executor put it
+            where[member.name].node = member.node
         self.population.placements = list(self.placements)
 
     def run(self) -> RunSummary:

@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -174,10 +174,6 @@ class RemoteMember:
 
     def save(self, folder: Path) -> None:
         self._get(self.actor.save.remote(str(folder)))
-
-    @contextlib.contextmanager
-    def turn(self) -> Iterator[None]:
-        yield  # the actor moves its member itself
 
 
 def lost(name: str, error: BaseException) -> MemberLost:

@@ -334,6 +334,23 @@ class MemoryEstimate:
     def total(self) -> int:
         return self.weights + self.gradients + self.optimizer + self.activations + self.overhead
 
+    def placement(
+        self, model: str, device: str, precision: int, offloaded: bool = False
+    ) -> training_pb2.Placement:
+        """The plan's record of a member placed with this estimate."""
+        return training_pb2.Placement(
+            model=model,
+            device=device,
+            precision=precision,  # type: ignore[arg-type]
+            estimated_bytes=self.total,
+            weight_bytes=self.weights,
+            gradient_bytes=self.gradients,
+            optimizer_bytes=self.optimizer,
+            activation_bytes=self.activations,
+            overhead_bytes=self.overhead,
+            offloaded=offloaded,
+        )
+
     @property
     def resident(self) -> int:
         """What stays between its turns: weights and optimizer state (gradients are freed after
