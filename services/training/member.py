@@ -301,10 +301,13 @@ class PopulationMember:
 
     def _move(self, device: torch.device) -> None:
         self.model.to(device)
+        # host to GPU may overlap (the GPU stream orders it before use); GPU to host must not,
+        # since a checkpoint may read the host copy before an asynchronous copy has landed
+        overlap = device.type == "cuda"
         for state in self.optimizer.state.values():
             for key, value in state.items():
                 if isinstance(value, torch.Tensor) and value.dim() > 0:  # `step` stays put
-                    state[key] = value.to(device, non_blocking=True)
+                    state[key] = value.to(device, non_blocking=overlap)
 
     def set_learning_rate(self, rate: float) -> float:
         """Sets the rate for the next epoch; returns the rate read back from the optimizer."""

@@ -95,16 +95,19 @@ def test_members_that_do_not_fit_together_take_turns_on_the_gpu(models: Path) ->
     records = load_dataset("sample", REPO / "datasets").records
     roomy = plan_members(config, infos, records)
     largest = max(p.estimated_bytes for p in roomy)
-    squeezed = [Device("cpu", 64 * 1024**3), Device("cuda:0", int(largest * 1.05), True)]
+    # room for the largest alone: both cannot stay resident, so at least one waits in host
+    # memory (the plan keeps resident whichever still fits beside the one training)
+    squeezed = [Device("cpu", 64 * 1024**3), Device("cuda:0", largest, True)]
     placements = plan_members(config, infos, records, squeezed)
-    assert all(p.offloaded for p in placements), [message_to_dict(p) for p in placements]
-    seen: list[str] = []
+    offloaded = {p.model: p.offloaded for p in placements}
+    assert any(offloaded.values()), [message_to_dict(p) for p in placements]
     run, _ = train(models, placements=placements, method="full")
     for member in run.population.members:
-        seen.append(next(member.model.parameters()).device.type)
+        between = next(member.model.parameters()).device.type
+        assert between == ("cpu" if offloaded[member.info.name] else "cuda"), member.info.name
         with member.turn():
             assert next(member.model.parameters()).device.type == "cuda"
-    assert seen == ["cpu", "cpu"]  # between turns, in host memory
+        assert next(member.model.parameters()).device.type == between
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
