@@ -21,9 +21,16 @@ from gateway.errors import ERROR_CODES
 from gateway.routes import ROUTES, Answer, Route
 from services.api import metrics_pb2, training_pb2
 from services.api.codec import INTEGER_TYPES, NUMBER_TYPES, is_map
+from services.api.generate_request import ROLES
 from services.api.reports import MAX_EPOCHS, MAX_REPORTED_MODELS
 from services.core.layout import ARTIFACTS
-from services.core.training_config import START_OPTIONS, TRAINING_CONFIG, public_config
+from services.core.training_config import (
+    GENERATE_OPTIONS,
+    MODEL_NAME_RE,
+    START_OPTIONS,
+    TRAINING_CONFIG,
+    public_config,
+)
 
 TIMESTAMP_PATTERN = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$"
 RUN_ID_PATTERN = TRAINING_CONFIG["metadata"]["run_id_pattern"]
@@ -196,6 +203,62 @@ def _start_body() -> dict[str, Any]:
     }
 
 
+def _generate_body() -> dict[str, Any]:
+    limits = TRAINING_CONFIG["generation"]
+    text = {"type": "string", "maxLength": limits["max_prompt_chars"]}
+    names = {"type": "string", "pattern": MODEL_NAME_RE.pattern}
+    turn = _obj(role={"enum": list(ROLES)}, content={"type": "string"})
+    properties: dict[str, Any] = {
+        "models": _nullable(
+            {
+                "type": "array",
+                "items": names,
+                "uniqueItems": True,
+                "maxItems": TRAINING_CONFIG["limits"]["max_models"],
+                "description": "Models of the run; absent: the run's best model.",
+            }
+        ),
+        "prompt": _nullable({**text, "description": "The text to continue (or messages)."}),
+        "messages": _nullable(
+            {
+                "type": "array",
+                "items": turn,
+                "maxItems": limits["max_messages"],
+                "description": "A chat, for models whose tokenizer has a chat template; "
+                "instead of prompt.",
+            }
+        ),
+        **{option.camel: _nullable(option.schema()) for option in GENERATE_OPTIONS},
+        "stop": _nullable(
+            {
+                "type": "array",
+                "items": {"type": "string", "minLength": 1, "maxLength": limits["max_stop_chars"]},
+                "maxItems": limits["max_stop"],
+                "description": "Generation ends before the first of these texts.",
+            }
+        ),
+    }
+    return {
+        "type": "object",
+        "description": "prompt or messages is required (not both); absent or null options take "
+        "the defaults of GET /api/config (generation).",
+        "properties": properties,
+        "additionalProperties": False,
+    }
+
+
+def _generate_events(schemas: Schemas) -> dict[str, Any]:
+    """The data of each Server-Sent Event of POST /api/training/{runId}/generate."""
+    events: dict[str, Any] = {}
+    for kind in ("started", "token", "done"):
+        payload: Any = training_pb2.GenerateEvent.DESCRIPTOR.fields_by_name[kind].message_type
+        body = schemas.object_of(payload)
+        name = "Generate" + kind.title() + "Event"
+        events[name] = _obj(model={"type": "string"}, **body["properties"])
+    events["GenerateStreamEvent"] = {"oneOf": [_ref(name) for name in events]}
+    return events
+
+
 def _report_body(schemas: Schemas) -> dict[str, Any]:
     losses = {
         "type": "object",
@@ -250,6 +313,12 @@ _PARAMETERS: dict[str, dict[str, Any]] = {
     },
     "name": {"schema": {"enum": list(ARTIFACTS)}},  # only artifacts have a `{name}`
     "since": {"schema": {"type": "integer", "minimum": 0}},
+    "model": {"schema": {"type": "string", "pattern": MODEL_NAME_RE.pattern}},
+    "merge": {
+        "schema": {"enum": ["true", "false"]},
+        "description": "true: the LoRA adapter merged into the base weights; false (default): "
+        "the adapter alone.",
+    },
     "token": {
         "schema": {"type": "string"},
         "description": "The admin token, where the Authorization header cannot be set (browsers).",
@@ -304,6 +373,7 @@ def build_document() -> dict[str, Any]:
     status_name = {"type": ["string", "null"]}
     components = schemas.schemas
     components.update(_event_schemas(schemas))
+    components.update(_generate_events(schemas))
     components.update(
         {
             "Error": _obj(
@@ -314,6 +384,7 @@ def build_document() -> dict[str, Any]:
             "Config": _value_schema(public_config()),
             "StartRequest": _start_body(),
             "ReportRequest": _report_body(schemas),
+            "GenerateRequest": _generate_body(),
             "RunAccepted": _obj(
                 success={"const": True}, runId={"type": "string"}, status=status_name
             ),

@@ -18,6 +18,7 @@ from gateway.bodies import JSON_TYPE, json_response, read_object
 from gateway.errors import ApiError, from_status
 from gateway.feeds import RunFeeds
 from gateway.forms import report_request, start_request
+from gateway.generate import SSE_TYPE, TAR_TYPE, ClientSlots, relay_export, relay_generation
 from gateway.page import index_page
 from gateway.reports import ReportBatcher
 from gateway.settings import GatewaySettings
@@ -25,8 +26,14 @@ from gateway.upstream import Upstream
 from gateway.websocket import training_feed
 from services.api import metrics_pb2, training_pb2
 from services.api.codec import message_to_dict, run_status_name
+from services.api.generate_request import check_generate, generate_body, to_generate_request
 from services.core.layout import ARTIFACTS
-from services.core.training_config import public_config, validate_run_id
+from services.core.training_config import (
+    TRAINING_CONFIG,
+    public_config,
+    validate_model_name,
+    validate_run_id,
+)
 
 log = logging.getLogger("oneseek.gateway")
 _GRPC_CODES = {code.value[0]: code for code in grpc.StatusCode}
@@ -89,6 +96,7 @@ class Routes:
         self.reports = reports
         self.document = document  # /api/openapi.json, encoded once: `ROUTES` never change
         self._feed = training_feed(settings, feeds)
+        self.generations = ClientSlots(int(TRAINING_CONFIG["generation"]["max_per_client"]))
 
     def table(self) -> list[web.RouteDef]:
         return [web.route(r.method, r.path, self._guard(r, r.handler)) for r in ROUTES]
@@ -255,6 +263,43 @@ class Routes:
         self.feeds.written(run_id, result.seq)
         return json_response({"success": True, "seq": result.seq})
 
+    # ---- using what a run trained --------------------------------------------------------------
+
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        run_id = run_id_of(request)
+        spec = check_generate(generate_body(await read_object(request)))
+        up = self.upstream
+        with self.generations.hold(request.remote or ""):
+            return await relay_generation(
+                request,
+                up.training,
+                up.training_stub.Generate,
+                to_generate_request(run_id, spec),
+                self.settings.admin_token,
+            )
+
+    async def export(self, request: web.Request) -> web.StreamResponse:
+        run_id = run_id_of(request)
+        query = request.query
+        if "model" not in query:
+            raise ApiError.bad_request(
+                "model is required: the run's model to export (?model=NAME).", field="model"
+            )
+        model = validate_model_name(query["model"], "model")
+        merge = query.get("merge", "false")
+        if merge not in ("true", "false"):
+            raise ApiError.bad_request(
+                f"merge must be true or false, got {merge!r}.", field="merge"
+            )
+        up = self.upstream
+        return await relay_export(
+            request,
+            up.training,
+            up.training_stub.ExportModel,
+            training_pb2.ExportModelRequest(run_id=run_id, model=model, merge=merge == "true"),
+            self.settings.admin_token,
+        )
+
     # ---- liveness, this API's description, the websocket feed ---------------------------------
 
     async def health(self, request: web.Request) -> web.StreamResponse:
@@ -325,6 +370,21 @@ ROUTES = (
     Route("GET", "/api/training/{runId}/artifacts/{name}", Routes.artifact, Access.READ,
           "One JSON file of the run folder.", (Answer("Artifact", "The file, byte for byte."),),
           errors=_RUN),
+    Route("POST", "/api/training/{runId}/generate", Routes.generate, Access.ADMIN,
+          "Try a finished run's models: each answers the prompt (default: the run's best model), "
+          "streamed as Server-Sent Events: per model `started`, `token`..., `done` (figures: "
+          "time to first token, tokens/s); `end` last, or `error` then `end` if the stream "
+          "fails after it began. Events: GenerateStreamEvent. Temperature 0 is greedy, the "
+          "same answer every time. 429: this client has ONESEEK generation.max_per_client "
+          "generations open, or the service its limit.",
+          (Answer(None, "The answers, as they are generated.", media=SSE_TYPE),),
+          errors=(400, 401, 403, 404, 409, 413, 429, 502, 503), body="GenerateRequest"),
+    Route("GET", "/api/admin/training/{runId}/export", Routes.export, Access.ADMIN,
+          "Download one model of a finished run as a tar of a folder `from_pretrained` loads: "
+          "merge=true folds the LoRA adapter into the base weights, else the adapter alone; "
+          "with its model card (README.md) and signed manifest (`oneseek verify` checks it).",
+          (Answer(None, "An uncompressed tar archive.", media=TAR_TYPE),),
+          errors=(400, 401, 403, 404, 409, 502, 503), query=("model", "merge")),
     Route("GET", "/ws/training", Routes.training_feed, Access.READ,
           "Websocket feed of a run (upgrade). Messages: WebSocketMessage. initial_state first, "
           "then every later event in seq order; with since, exactly the events after since. "

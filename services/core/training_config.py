@@ -375,9 +375,42 @@ START_OPTIONS: tuple[StartOption, ...] = (
 """Every start option, in the order the form and the CLI show them."""
 
 
+# --- the generation options ----------------------------------------------------------------
+
+_GEN = "generation"
+# fmt: off
+GENERATE_OPTIONS: tuple[StartOption, ...] = (
+    _Opt("max_new_tokens", "Max new tokens", "The most tokens each model adds to the prompt.",
+         128, _GEN, low=1, high=4096),
+    _Opt("temperature", "Temperature", "0 decodes greedily (the same answer every time); "
+         "higher values sample more freely.", 0.0, _GEN, low=0, high=2),
+    _Opt("top_p", "Top-p", "Sampling keeps the fewest tokens whose probabilities add up to "
+         "this.", 1.0, _GEN, low=0, high=1, low_inclusive=False),
+    _Opt("seed", "Seed", "Seeds sampling: the same seed, prompt and options give the same "
+         "answer.", 0, _GEN, low=0, high=2**32 - 1),
+)
+# fmt: on
+"""The numeric options of GenerateRequest (its prompt, messages, models and stop texts are
+checked by services.api.generate_request, within the `generation` limits below)."""
+
+_GENERATION_LIMITS: Mapping[str, int] = {
+    "max_prompt_chars": 100_000,
+    "max_messages": 64,
+    "max_stop": 4,
+    "max_stop_chars": 64,
+    "max_concurrent": 4,
+    "max_per_client": 2,
+}
+
+
 def public_config() -> dict[str, Any]:
-    """GET /api/config: TRAINING_CONFIG, and every start option as the page's form needs it."""
-    return {**get_config(), "start_options": [option.describe() for option in START_OPTIONS]}
+    """GET /api/config: TRAINING_CONFIG, and every start and generation option as the page's
+    forms need it."""
+    return {
+        **get_config(),
+        "start_options": [option.describe() for option in START_OPTIONS],
+        "generate_options": [option.describe() for option in GENERATE_OPTIONS],
+    }
 
 
 # --- the config ----------------------------------------------------------------------------
@@ -401,6 +434,12 @@ TRAINING_CONFIG: Mapping[str, Any] = _freeze(
         "confidence_auto_stop": {"enabled": True, **_option_defaults("confidence_auto_stop")},
         "live_leaderboard": _option_defaults("live_leaderboard"),
         "metadata": _METADATA,
+        # trying a finished run's models; cache_bytes 0: half of this machine's memory
+        "generation": {
+            **{o.key: o.default for o in GENERATE_OPTIONS},
+            **_GENERATION_LIMITS,
+            "cache_bytes": 0,
+        },
     }
 )
 """Read-only. Change a default in its StartOption (or here) and every service, the CLI and the

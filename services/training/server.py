@@ -16,6 +16,7 @@ from pathlib import Path
 from grpc import aio
 
 from services.api import training_pb2, training_pb2_grpc
+from services.api.generate_request import read_generate_request
 from services.api.run_config import read_request
 from services.api.runtime import (
     SERVER_OPTIONS,
@@ -40,7 +41,8 @@ from services.training.service import TrainingService
 log = logging.getLogger("oneseek.training.server")
 
 SERVICE_NAME = training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name
-_MUTATING = ("StartRun", "StopRun", "ResumeRun")
+# Generate and ExportModel spend compute (and hand out weights): admin, like starting a run
+_ADMIN = ("StartRun", "StopRun", "ResumeRun", "Generate", "ExportModel")
 
 
 class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
@@ -116,6 +118,22 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
             yield event
 
     @rpc
+    async def Generate(
+        self, request: training_pb2.GenerateRequest, context: Context
+    ) -> AsyncIterator[training_pb2.GenerateEvent]:
+        spec = read_generate_request(request)
+        # a client that goes away cancels this generator; the generation ends at its next token
+        async for event in self.service.generate(request.run_id, spec):
+            yield event
+
+    @rpc
+    async def ExportModel(
+        self, request: training_pb2.ExportModelRequest, context: Context
+    ) -> AsyncIterator[training_pb2.ExportChunk]:
+        async for chunk in self.service.export(request.run_id, request.model, request.merge):
+            yield chunk
+
+    @rpc
     async def StreamEvents(
         self, request: training_pb2.StreamEventsRequest, context: Context
     ) -> AsyncIterator[training_pb2.TrainingEvent]:
@@ -134,6 +152,7 @@ async def serve(
     ready: Callable[[int], None] | None = None,
     tls: ServerTls | None = None,
     executor: ExecutorSettings | None = None,
+    generate_cache_bytes: int | None = None,
 ) -> None:
     service = TrainingService(
         models_root=models_root,
@@ -141,14 +160,13 @@ async def serve(
         state_dir=state_dir,
         max_active_runs=max_active_runs,
         executor=executor,
+        generate_cache_bytes=generate_cache_bytes,
     )
     service.load()
     prefix = f"/{SERVICE_NAME}/"
     server = aio.server(
         options=SERVER_OPTIONS,
-        interceptors=[
-            TokenAuthInterceptor({prefix + m: lambda: [admin_token()] for m in _MUTATING})
-        ],
+        interceptors=[TokenAuthInterceptor({prefix + m: lambda: [admin_token()] for m in _ADMIN})],
     )
     training_pb2_grpc.add_TrainingServiceServicer_to_server(TrainingServicer(service), server)
     health = await add_health_and_reflection(server, [SERVICE_NAME])
@@ -190,6 +208,11 @@ def run(args: argparse.Namespace) -> int:
                 ray_address=args.ray_address,
                 max_member_restarts=args.max_member_restarts,
             ),
+            generate_cache_bytes=_gib(getattr(args, "generate_cache_gib", None)),
         )
     )
     return 0
+
+
+def _gib(value: float | None) -> int | None:
+    return None if not value else int(value * 1024**3)

@@ -11,20 +11,29 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import shutil
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from services.api import training_pb2
-from services.api.codec import parse_timestamp
+from services.api.codec import parse_timestamp, run_status_name
+from services.api.generate_request import GenerateSpec
 from services.api.run_config import RunConfig, build_config, config_from_dict, config_to_dict
 from services.core.errors import Conflict, InvalidInput, NotFound, OneSeekError
 from services.core.layout import ARTIFACTS, EVENTS_FILE, MANIFEST_FILE, certified_root
-from services.core.training_config import TRAINING_CONFIG, generate_run_id, validate_run_id
+from services.core.training_config import (
+    TRAINING_CONFIG,
+    generate_run_id,
+    validate_model_name,
+    validate_run_id,
+)
 from services.training.checkpoints import latest_checkpoint
 from services.training.data import Record, load_dataset
 from services.training.events import read_events
 from services.training.executors import ExecutorSettings
+from services.training.generation import Generator
 from services.training.hub import Event, EventHub, RunRecord
 from services.training.memory_plan import placements_of, planned_models
 from services.training.models import BaseModelInfo, resolve_models
@@ -36,6 +45,11 @@ log = logging.getLogger("oneseek.training.service")
 RUNNING = training_pb2.RUN_STATUS_RUNNING
 FAILED = training_pb2.RUN_STATUS_FAILED
 INTERRUPTED = training_pb2.RUN_STATUS_INTERRUPTED
+CERTIFIED = (
+    training_pb2.RUN_STATUS_COMPLETED,
+    training_pb2.RUN_STATUS_AUTO_STOPPED,
+    training_pb2.RUN_STATUS_STOPPED,
+)
 FOREIGN_POLL = 1.0  # seconds between looks at a run another process still holds
 JOURNAL = Path("training") / "journal.jsonl"
 
@@ -50,8 +64,10 @@ class TrainingService:
         max_active_runs: int | None = None,
         stop_timeout: float = 60.0,
         executor: ExecutorSettings | None = None,
+        generate_cache_bytes: int | None = None,
     ) -> None:
         self.models_root = Path(models_root)
+        self.state_dir = Path(state_dir)
         self.datasets_root = Path(datasets_root)
         self.max_active_runs = max_active_runs or int(
             TRAINING_CONFIG["defaults"]["max_active_runs"]
@@ -62,6 +78,7 @@ class TrainingService:
         self.runs = self.hub.runs
         self._start_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
+        self.generator = Generator(self.models_root, cache_bytes=generate_cache_bytes)
 
     # ---- start-up: what is on disk --------------------------------------------------------
 
@@ -296,6 +313,77 @@ class TrainingService:
 
     # ---- when a worker is gone -------------------------------------------------------------
 
+    # ---- using what a run trained -------------------------------------------------------------
+
+    def finished(self, run_id: str, field: str = "runId") -> RunRecord:
+        """A run that ended certified; Conflict for one that is running or ended without."""
+        record = self.get(run_id)
+        if record.status not in CERTIFIED:
+            status = run_status_name(record.status)
+            why = (
+                "it is still training; try it once it has ended"
+                if record.status == RUNNING
+                else "it ended with nothing certified; resume it first"
+            )
+            raise Conflict(f"Run {run_id} is {status}: {why}.", field=field)
+        return record
+
+    def _model_of(self, record: RunRecord, name: str) -> str:
+        names = [str(m.get("name")) for m in record.models]
+        if name not in names:
+            raise NotFound(
+                f"Model {name!r} is not one of run {record.run_id}'s models ({', '.join(names)}).",
+                field="models",
+            )
+        return name
+
+    async def generate(
+        self, run_id: str, spec: GenerateSpec
+    ) -> AsyncIterator[training_pb2.GenerateEvent]:
+        """The answers of a finished run's models (`spec.models`, or its best) as they come."""
+        record = self.finished(run_id)
+        best = record.state.best_model
+        names = list(spec.models) or ([best] if best else [])
+        if not names:
+            raise Conflict(f"Run {run_id} has no best model; name the models.", field="models")
+        models = [self._model_of(record, name) for name in names]
+        async for event in self.generator.stream(record.folder.path, models, spec):
+            yield event
+
+    async def export(
+        self, run_id: str, model: str, merge: bool
+    ) -> AsyncIterator[training_pb2.ExportChunk]:
+        """One model of a finished run exported (services.training.export), streamed as a tar
+        archive; the folder is made in the service's state folder and removed afterwards."""
+        from services.training.export import archive_chunks, export_model
+
+        record = self.finished(run_id)
+        self._model_of(record, validate_model_name(model, "model"))
+        kind = "merged" if merge else "adapter"
+        name = f"{run_id}-{model}-{kind}"
+        staging = self.state_dir / "exports" / f"{name}-{uuid.uuid4().hex[:8]}"
+        out = staging / name
+        try:
+            await asyncio.to_thread(staging.mkdir, parents=True)
+            await asyncio.to_thread(
+                export_model,
+                record.folder.path,
+                model,
+                out,
+                merge=merge,
+                models_root=self.models_root,
+            )
+            chunks = archive_chunks(out)
+            first = True
+            while True:
+                data = await asyncio.to_thread(next, chunks, None)
+                if data is None:
+                    break
+                yield training_pb2.ExportChunk(filename=f"{name}.tar" if first else "", data=data)
+                first = False
+        finally:
+            await asyncio.to_thread(shutil.rmtree, staging, True)
+
     def _worker_exited(self, record: RunRecord, worker: WorkerHandle, code: int | None) -> None:
         """Reader thread, after the worker's pipe closed and the process was joined: reads what
         the worker wrote here, off the loop, and hands it to the loop."""
@@ -351,6 +439,7 @@ class TrainingService:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.to_thread(self.generator.shutdown)
         self.hub.journal.close()
 
 

@@ -42,7 +42,7 @@ def test_services_expose_the_designed_rpcs() -> None:
         "Subscribe",
     }
     streaming = {m.name for m in training.methods if m.server_streaming}
-    assert streaming == {"WatchRun", "StreamEvents"}
+    assert streaming == {"WatchRun", "StreamEvents", "Generate", "ExportModel"}
     assert [m.name for m in metrics.methods if m.server_streaming] == ["Subscribe"]
 
 

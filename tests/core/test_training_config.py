@@ -35,12 +35,14 @@ def test_config_has_the_seed_sections_and_values() -> None:
         "confidence_auto_stop",
         "live_leaderboard",
         "metadata",
+        "generation",
     ]
     assert TRAINING_CONFIG["defaults"]["epochs"] == 3
     assert TRAINING_CONFIG["adaptive_weights"]["adjust_strategy"]["top_model_boost"] == 0.3
     assert TRAINING_CONFIG["confidence_auto_stop"]["threshold"] == 0.001
     assert TRAINING_CONFIG["live_leaderboard"]["refresh_interval"] == 5
     assert TRAINING_CONFIG["metadata"]["timestamp_format"] == "%Y%m%d-%H%M%S"
+    assert TRAINING_CONFIG["generation"]["temperature"] == 0.0  # greedy unless asked
 
 
 def test_config_is_read_only_all_the_way_down() -> None:

@@ -67,7 +67,12 @@ async def test_openapi_is_valid_and_lists_every_route(gateway: Client) -> None:
 async def test_config_is_the_training_config_and_the_start_options(gateway: Client) -> None:
     config = await answer(await gateway.get("/api/config"), 200)
     options = config.pop("start_options")
+    generate = config.pop("generate_options")
     assert config == get_config()
+    assert [o["name"] for o in generate] == ["maxNewTokens", "temperature", "topP", "seed"]
+    tokens = generate[0]
+    assert tokens["default"] == get_config()["generation"]["max_new_tokens"]
+    assert tokens["schema"]["minimum"] == 1
     assert [o["name"] for o in options] == [o.camel for o in START_OPTIONS]
     epochs = next(o for o in options if o["name"] == "epochs")
     limits = get_config()["limits"]

@@ -85,6 +85,16 @@ class TrainingServiceStub:
                 request_serializer=oneseek_dot_training_dot_v1_dot_training__pb2.ListDatasetsRequest.SerializeToString,
                 response_deserializer=oneseek_dot_training_dot_v1_dot_training__pb2.ListDatasetsResponse.FromString,
                 _registered_method=True)
+        self.Generate = channel.unary_stream(
+                '/oneseek.training.v1.TrainingService/Generate',
+                request_serializer=oneseek_dot_training_dot_v1_dot_training__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=oneseek_dot_training_dot_v1_dot_training__pb2.GenerateEvent.FromString,
+                _registered_method=True)
+        self.ExportModel = channel.unary_stream(
+                '/oneseek.training.v1.TrainingService/ExportModel',
+                request_serializer=oneseek_dot_training_dot_v1_dot_training__pb2.ExportModelRequest.SerializeToString,
+                response_deserializer=oneseek_dot_training_dot_v1_dot_training__pb2.ExportChunk.FromString,
+                _registered_method=True)
 
 
 class TrainingServiceServicer:
@@ -159,6 +169,24 @@ class TrainingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Generate(self, request, context):
+        """Tries a finished run's models: verifies the run folder, loads each model (base + the run's
+        adapter, in the run's precision) and streams its answer as it is produced, every model at
+        once; each model's stream is `started`, `token`..., then `done`. Admin token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportModel(self, request, context):
+        """One model of a finished run as a folder `from_pretrained` loads (LoRA merged into the base
+        with `merge`, else the adapter alone), with its model card and signed manifest, streamed as
+        one uncompressed tar archive. Admin token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -211,6 +239,16 @@ def add_TrainingServiceServicer_to_server(servicer, server):
                     servicer.ListDatasets,
                     request_deserializer=oneseek_dot_training_dot_v1_dot_training__pb2.ListDatasetsRequest.FromString,
                     response_serializer=oneseek_dot_training_dot_v1_dot_training__pb2.ListDatasetsResponse.SerializeToString,
+            ),
+            'Generate': grpc.unary_stream_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=oneseek_dot_training_dot_v1_dot_training__pb2.GenerateRequest.FromString,
+                    response_serializer=oneseek_dot_training_dot_v1_dot_training__pb2.GenerateEvent.SerializeToString,
+            ),
+            'ExportModel': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportModel,
+                    request_deserializer=oneseek_dot_training_dot_v1_dot_training__pb2.ExportModelRequest.FromString,
+                    response_serializer=oneseek_dot_training_dot_v1_dot_training__pb2.ExportChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -483,6 +521,60 @@ class TrainingService:
             '/oneseek.training.v1.TrainingService/ListDatasets',
             oneseek_dot_training_dot_v1_dot_training__pb2.ListDatasetsRequest.SerializeToString,
             oneseek_dot_training_dot_v1_dot_training__pb2.ListDatasetsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/oneseek.training.v1.TrainingService/Generate',
+            oneseek_dot_training_dot_v1_dot_training__pb2.GenerateRequest.SerializeToString,
+            oneseek_dot_training_dot_v1_dot_training__pb2.GenerateEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/oneseek.training.v1.TrainingService/ExportModel',
+            oneseek_dot_training_dot_v1_dot_training__pb2.ExportModelRequest.SerializeToString,
+            oneseek_dot_training_dot_v1_dot_training__pb2.ExportChunk.FromString,
             options,
             channel_credentials,
             insecure,

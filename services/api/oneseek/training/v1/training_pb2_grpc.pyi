@@ -57,6 +57,16 @@ class TrainingServiceStub:
     ListModels: _grpc.UnaryUnaryMultiCallable[_training_pb2.ListModelsRequest, _training_pb2.ListModelsResponse]
     """Base models found in MODELS_DIR and datasets in DATASETS_DIR (what a run may use)."""
     ListDatasets: _grpc.UnaryUnaryMultiCallable[_training_pb2.ListDatasetsRequest, _training_pb2.ListDatasetsResponse]
+    Generate: _grpc.UnaryStreamMultiCallable[_training_pb2.GenerateRequest, _training_pb2.GenerateEvent]
+    """Tries a finished run's models: verifies the run folder, loads each model (base + the run's
+    adapter, in the run's precision) and streams its answer as it is produced, every model at
+    once; each model's stream is `started`, `token`..., then `done`. Admin token.
+    """
+    ExportModel: _grpc.UnaryStreamMultiCallable[_training_pb2.ExportModelRequest, _training_pb2.ExportChunk]
+    """One model of a finished run as a folder `from_pretrained` loads (LoRA merged into the base
+    with `merge`, else the adapter alone), with its model card and signed manifest, streamed as
+    one uncompressed tar archive. Admin token.
+    """
 
 @_typing.type_check_only
 class TrainingServiceAsyncStub(TrainingServiceStub):
@@ -81,6 +91,16 @@ class TrainingServiceAsyncStub(TrainingServiceStub):
     ListModels: _aio.UnaryUnaryMultiCallable[_training_pb2.ListModelsRequest, _training_pb2.ListModelsResponse]  # type: ignore[assignment]
     """Base models found in MODELS_DIR and datasets in DATASETS_DIR (what a run may use)."""
     ListDatasets: _aio.UnaryUnaryMultiCallable[_training_pb2.ListDatasetsRequest, _training_pb2.ListDatasetsResponse]  # type: ignore[assignment]
+    Generate: _aio.UnaryStreamMultiCallable[_training_pb2.GenerateRequest, _training_pb2.GenerateEvent]  # type: ignore[assignment]
+    """Tries a finished run's models: verifies the run folder, loads each model (base + the run's
+    adapter, in the run's precision) and streams its answer as it is produced, every model at
+    once; each model's stream is `started`, `token`..., then `done`. Admin token.
+    """
+    ExportModel: _aio.UnaryStreamMultiCallable[_training_pb2.ExportModelRequest, _training_pb2.ExportChunk]  # type: ignore[assignment]
+    """One model of a finished run as a folder `from_pretrained` loads (LoRA merged into the base
+    with `merge`, else the adapter alone), with its model card and signed manifest, streamed as
+    one uncompressed tar archive. Admin token.
+    """
 
 class TrainingServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -162,5 +182,27 @@ class TrainingServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _training_pb2.ListDatasetsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_training_pb2.ListDatasetsResponse, _abc.Awaitable[_training_pb2.ListDatasetsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Generate(
+        self,
+        request: _training_pb2.GenerateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_training_pb2.GenerateEvent], _abc.AsyncIterator[_training_pb2.GenerateEvent]]:
+        """Tries a finished run's models: verifies the run folder, loads each model (base + the run's
+        adapter, in the run's precision) and streams its answer as it is produced, every model at
+        once; each model's stream is `started`, `token`..., then `done`. Admin token.
+        """
+
+    @_abc_1.abstractmethod
+    def ExportModel(
+        self,
+        request: _training_pb2.ExportModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_training_pb2.ExportChunk], _abc.AsyncIterator[_training_pb2.ExportChunk]]:
+        """One model of a finished run as a folder `from_pretrained` loads (LoRA merged into the base
+        with `merge`, else the adapter alone), with its model card and signed manifest, streamed as
+        one uncompressed tar archive. Admin token.
+        """
 
 def add_TrainingServiceServicer_to_server(servicer: TrainingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
