@@ -1,5 +1,8 @@
-// The gateway's REST routes: JSON in and out, the admin token as a Bearer header, and the
-// error envelope {"error", "message", "field"} turned into an ApiError the form can place.
+// The gateway's REST routes: JSON in and out (or Server-Sent Events out), the admin token as a
+// Bearer header, and the error envelope {"error", "message", "field"} turned into an ApiError the
+// form can place.
+
+import { SseParser } from "./sse.js";
 
 const TOKEN_KEY = "oneseek.adminToken";
 let memoryToken = "";
@@ -44,18 +47,14 @@ const FALLBACK_MESSAGES = {
   503: "A service behind the gateway is not answering. It is retried automatically.",
 };
 
-/**
- * fetch() a gateway route. `body` is sent as JSON. Resolves to the parsed JSON answer; rejects
- * with ApiError (status 0 when the gateway could not be reached at all).
- */
-export async function request(path, { method = "GET", body, signal } = {}) {
-  const headers = { Accept: "application/json" };
+/** fetch() with the token and a JSON body; ApiError (status 0) when nothing answered. */
+async function send(path, { method, body, signal, accept }) {
+  const headers = { Accept: accept };
   const token = getToken();
   if (token) headers.Authorization = `Bearer ${token}`;
   if (body !== undefined) headers["Content-Type"] = "application/json";
-  let response;
   try {
-    response = await fetch(path, {
+    return await fetch(path, {
       method,
       headers,
       body: body === undefined ? undefined : JSON.stringify(body),
@@ -66,29 +65,74 @@ export async function request(path, { method = "GET", body, signal } = {}) {
     if (error?.name === "AbortError") throw error;
     throw new ApiError(0, "unreachable", FALLBACK_MESSAGES[0], null);
   }
-  let data = null;
-  const text = await response.text();
-  if (text) {
-    try {
-      data = JSON.parse(text);
-    } catch {
-      data = null;
-    }
+}
+
+function parseJson(text) {
+  if (!text) return null;
+  try {
+    return JSON.parse(text);
+  } catch {
+    return null;
   }
-  if (!response.ok) {
-    const message =
-      (data && typeof data.message === "string" && data.message) ||
-      FALLBACK_MESSAGES[response.status] ||
-      `The gateway answered ${response.status} ${response.statusText}.`;
-    throw new ApiError(
-      response.status,
-      data?.error ?? `http_${response.status}`,
-      message,
-      data?.field,
-      data,
-    );
-  }
+}
+
+/** The ApiError of a non-2xx answer whose body (`data`, parsed) may be the error envelope. */
+function refusal(response, data) {
+  const message =
+    (data && typeof data.message === "string" && data.message) ||
+    FALLBACK_MESSAGES[response.status] ||
+    `The gateway answered ${response.status} ${response.statusText}.`;
+  return new ApiError(
+    response.status,
+    data?.error ?? `http_${response.status}`,
+    message,
+    data?.field,
+    data,
+  );
+}
+
+/**
+ * fetch() a gateway route. `body` is sent as JSON. Resolves to the parsed JSON answer; rejects
+ * with ApiError (status 0 when the gateway could not be reached at all).
+ */
+export async function request(path, { method = "GET", body, signal } = {}) {
+  const response = await send(path, { method, body, signal, accept: "application/json" });
+  const data = parseJson(await response.text());
+  if (!response.ok) throw refusal(response, data);
   return data;
+}
+
+const STREAM_BROKEN =
+  "The connection to the gateway broke while the answer streamed. Check that it is running.";
+
+/**
+ * POST `body` to a route that answers with Server-Sent Events; `onEvent(name, data)` gets each
+ * event as it arrives, its data parsed as JSON. Resolves when the stream ends. Rejects with
+ * ApiError for a refusal before the stream began (the error envelope) or a connection that
+ * broke during it, and with the AbortError of `signal`.
+ */
+export async function stream(path, { body, signal, onEvent }) {
+  const response = await send(path, { method: "POST", body, signal, accept: "text/event-stream" });
+  if (!response.ok) throw refusal(response, parseJson(await response.text()));
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  const parser = new SseParser();
+  const deliver = (events) => {
+    for (const { event, data } of events) onEvent(event, parseJson(data) ?? {});
+  };
+  for (;;) {
+    let chunk;
+    try {
+      chunk = await reader.read();
+    } catch (error) {
+      if (error?.name === "AbortError" || signal?.aborted) throw error;
+      throw new ApiError(0, "stream_broken", STREAM_BROKEN, null);
+    }
+    if (chunk.done) break;
+    deliver(parser.push(decoder.decode(chunk.value, { stream: true })));
+  }
+  deliver(parser.push(decoder.decode()));
+  deliver(parser.end());
 }
 
 export const api = {
@@ -110,6 +154,9 @@ export const api = {
     request(`/api/admin/training/${encodeURIComponent(runId)}/stop`, { method: "POST" }),
   resume: (runId) =>
     request(`/api/admin/training/${encodeURIComponent(runId)}/resume`, { method: "POST" }),
+  /** A finished run's models answer `body.prompt`; see stream() for `onEvent` and `signal`. */
+  generate: (runId, body, { signal, onEvent }) =>
+    stream(`/api/training/${encodeURIComponent(runId)}/generate`, { body, signal, onEvent }),
   artifact: (runId, name) =>
     request(`/api/training/${encodeURIComponent(runId)}/artifacts/${encodeURIComponent(name)}`),
 };

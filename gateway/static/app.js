@@ -28,6 +28,7 @@ import {
   lossSeries,
   weightSeries,
 } from "./run_state.js";
+import { TryItPanel } from "./try_it.js";
 
 const HISTORY_POLL_MS = 10000;
 const HEALTH_POLL_MS = 15000;
@@ -102,6 +103,7 @@ function showTokenState() {
   $("#token-set").hidden = !has;
   renderStopButton();
   renderResumeButton();
+  renderTryIt();
 }
 
 function showTokenError(message) {
@@ -277,6 +279,37 @@ const weightChart = new LineChart($("#weight-chart"), $("#weight-legend"), {
     return [range[0] - pad, range[1] + pad];
   },
 });
+
+const tryIt = new TryItPanel($("#try-panel"), {
+  colorOf,
+  announce,
+  askForToken: () => {
+    const input = $("#token-input");
+    const smooth = !window.matchMedia("(prefers-reduced-motion: reduce)").matches;
+    input.scrollIntoView({ behavior: smooth ? "smooth" : "auto", block: "center" });
+    input.focus({ preventScroll: true });
+  },
+});
+
+/** The "Try it" panel follows the run on screen: shown once it finished with models to load. */
+function renderTryIt() {
+  const run = page.run;
+  if (!run) {
+    tryIt.show(null, { hasToken: false });
+    return;
+  }
+  const info = new Map(run.models.map((model) => [model.name, model]));
+  tryIt.show(
+    {
+      runId: run.runId,
+      status: run.status,
+      models: run.names.map((name) => info.get(name) ?? { name }),
+      // the run's own word first; a page opened later has it from the history
+      best: run.bestModel ?? summaryFor(run.runId)?.best_model ?? bestModel(run),
+    },
+    { hasToken: Boolean(getToken()) },
+  );
+}
 
 function selectRun(runId, { user = false } = {}) {
   if (user) page.userChoseRun = true;
@@ -566,6 +599,7 @@ function renderAll() {
   $("#run-stats").hidden = !run;
   if (!run) {
     $("#board-empty").hidden = false;
+    renderTryIt();
     renderFeedStatus();
     lossChart.update([], 1);
     weightChart.update([], 1);
@@ -580,6 +614,7 @@ function renderAll() {
   renderCharts(run);
   renderStopButton();
   renderResumeButton();
+  renderTryIt();
   renderFeedStatus();
   if (run.error) showRunError(run.error);
 }
@@ -628,6 +663,7 @@ async function refreshHistory() {
       if (page.run) {
         renderHeader(page.run);
         renderSummary(page.run);
+        renderTryIt();
       }
     } catch (error) {
       const box = $("#history-error");
@@ -710,6 +746,7 @@ async function loadConfig() {
     try {
       page.config = await api.config();
       form.applyConfig(page.config);
+      tryIt.applyConfig(page.config);
       return;
     } catch (error) {
       const box = $("#form-error");

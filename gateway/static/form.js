@@ -8,12 +8,14 @@ import { validateBaseModels } from "./trainingConfig.js";
 
 /** Options the page draws itself (the dataset select, the model picker), not from the list. */
 const OWN_FIELDS = ["datasetId", "baseModels"];
-/** One option's field: label, control, limit hint and error line, ids as the errors name them. */
-function drawField(option) {
-  const { name, schema } = option;
+/** One option's field: label, control, limit hint and error line, ids as the errors name them
+ * (after `prefix`, for a second form on the page with an option of the same name). */
+export function drawField(option, prefix = "") {
+  const { schema } = option;
+  const name = `${prefix}${option.name}`;
   const checkbox = schema.type === "boolean";
   const field = element("div", checkbox ? "field field-check" : "field");
-  field.dataset.field = name;
+  field.dataset.field = option.name;
   const label = element("label", "label", option.label);
   label.htmlFor = name;
   let control;
@@ -38,7 +40,7 @@ function drawField(option) {
     if (high !== undefined) control.max = String(high);
   }
   control.id = name;
-  control.name = name;
+  control.name = option.name;
   control.title = option.help;
   control.setAttribute("aria-describedby", `${name}-hint ${name}-error`);
   if (option.default !== null && option.default !== undefined) {
@@ -85,7 +87,7 @@ export class TrainingForm {
     this.options = (config?.start_options ?? []).filter((o) => !OWN_FIELDS.includes(o.name));
     for (const group of this.form.querySelectorAll("[data-group]")) {
       const fields = this.options.filter((option) => option.group === group.dataset.group);
-      group.replaceChildren(...fields.map(drawField));
+      group.replaceChildren(...fields.map((option) => drawField(option)));
       group.closest(".group").hidden = fields.length === 0;
     }
     const autoStop = config?.confidence_auto_stop;

@@ -70,6 +70,13 @@ export function formatBytes(value) {
   return `${integer.format(value)} B`;
 }
 
+/** A short span as "0.042 s", "0.91 s", "12.3 s": a first token's wait, a generation's time. */
+export function formatSeconds(seconds) {
+  if (!isNumber(seconds) || seconds < 0) return DASH;
+  if (seconds < 0.1) return `${seconds.toFixed(3)} s`;
+  return `${seconds < 10 ? seconds.toFixed(2) : seconds.toFixed(1)} s`;
+}
+
 /** Seconds as "1h 02m", "3m 05s" or "42s". */
 export function formatDuration(seconds) {
   if (!isNumber(seconds) || seconds < 0) return DASH;
