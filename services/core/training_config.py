@@ -202,8 +202,8 @@ class StartOption:
     target: str = ""
     """The RunConfig field it sets, dotted (`auto_stop.threshold`), when not `name`."""
     group: str = "training"
-    """The page form's group: training, auto_stop or advanced; "" for a field the page draws
-    itself (the dataset picker, the model list)."""
+    """The page form's group: training, auto_stop or advanced (generation: the Try it panel's
+    options); "" for a field the page draws itself (the dataset picker, the model list)."""
     choices: Mapping[str, str] = field(default_factory=dict)
     """An enum's values (the proto enum's, lower-case) and how the form labels each."""
     when: Mapping[str, str] = field(default_factory=dict)
@@ -381,13 +381,13 @@ _GEN = "generation"
 # fmt: off
 GENERATE_OPTIONS: tuple[StartOption, ...] = (
     _Opt("max_new_tokens", "Max new tokens", "The most tokens each model adds to the prompt.",
-         128, _GEN, low=1, high=4096),
+         128, _GEN, low=1, high=4096, group=_GEN),
     _Opt("temperature", "Temperature", "0 decodes greedily (the same answer every time); "
-         "higher values sample more freely.", 0.0, _GEN, low=0, high=2),
+         "higher values sample more freely.", 0.0, _GEN, low=0, high=2, group=_GEN),
     _Opt("top_p", "Top-p", "Sampling keeps the fewest tokens whose probabilities add up to "
-         "this.", 1.0, _GEN, low=0, high=1, low_inclusive=False),
+         "this.", 1.0, _GEN, low=0, high=1, low_inclusive=False, group=_GEN),
     _Opt("seed", "Seed", "Seeds sampling: the same seed, prompt and options give the same "
-         "answer.", 0, _GEN, low=0, high=2**32 - 1),
+         "answer.", 0, _GEN, low=0, high=2**32 - 1, group=_GEN),
 )
 # fmt: on
 """The numeric options of GenerateRequest (its prompt, messages, models and stop texts are

@@ -38,6 +38,8 @@ from services.training.trained import TrainedModel, TrainedSource, load_trained,
 log = logging.getLogger("oneseek.training.generation")
 
 _LIMITS = TRAINING_CONFIG["generation"]
+PIECE_INTERVAL = 0.05
+"""Seconds between two text pieces of one model sent to a client (the first goes at once)."""
 Emit = Callable[[training_pb2.GenerateEvent], None]
 
 
@@ -509,11 +511,31 @@ class Generator:
         )
         put(training_pb2.GenerateEvent(model=name, started=started))
 
+        # the first piece goes at once (time to first token); later ones at most every
+        # PIECE_INTERVAL: each hand-over wakes the event loop, whose work would otherwise
+        # compete with the generation for the CPU (and the GIL) at every token
+        held: list[str] = []
+        tokens_so_far, last_sent = 0, 0.0
+
+        def send() -> None:
+            nonlocal last_sent
+            if held:
+                piece = training_pb2.GeneratedText(
+                    text="".join(held), completion_tokens=tokens_so_far
+                )
+                put(training_pb2.GenerateEvent(model=name, token=piece))
+                held.clear()
+                last_sent = time.perf_counter()
+
         def on_piece(text: str, tokens: int) -> None:
-            piece = training_pb2.GeneratedText(text=text, completion_tokens=tokens)
-            put(training_pb2.GenerateEvent(model=name, token=piece))
+            nonlocal tokens_so_far
+            held.append(text)
+            tokens_so_far = tokens
+            if time.perf_counter() - last_sent >= PIECE_INTERVAL:
+                send()
 
         result = answer(trained, ids, spec, on_piece, cancelled)
+        send()
         first = result.first_piece_at
         done = training_pb2.GenerationDone(
             finish_reason=result.finish_reason,

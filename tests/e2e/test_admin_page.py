@@ -133,7 +133,7 @@ def test_token_and_field_errors_come_from_the_server(
     use_token(tab, TOKEN)
     runs_before = gateway.get("/api/training/runs")["runs"]
     for name in MODELS:
-        tab.get_by_role("checkbox", name=name).check()
+        tab.locator("#start-form").get_by_role("checkbox", name=name).check()
     tab.get_by_label("Dataset").select_option("small")
     epochs = tab.get_by_label("Epochs", exact=True)
     epochs.fill(str(config["limits"]["max_epochs"] + 1))
@@ -149,7 +149,7 @@ def test_token_and_field_errors_come_from_the_server(
     # the token survives a reload (sessionStorage), the models list comes back with it
     tab.reload()
     expect(tab.locator("#token-set")).to_be_visible()
-    expect(tab.get_by_role("checkbox", name=MODELS[0])).to_be_visible()
+    expect(tab.locator("#start-form").get_by_role("checkbox", name=MODELS[0])).to_be_visible()
 
 
 def test_an_unknown_run_is_reported_and_not_retried(
@@ -182,7 +182,7 @@ def test_a_run_started_from_the_page_streams_live_to_the_end(
     tab.goto(gateway.url + "/")
     use_token(tab, TOKEN)
     for name in MODELS:
-        tab.get_by_role("checkbox", name=name).check()
+        tab.locator("#start-form").get_by_role("checkbox", name=name).check()
     tab.get_by_label("Dataset").select_option("small")
     tab.get_by_label("Epochs", exact=True).fill(str(EPOCHS))
     tab.get_by_role("button", name="Start run").click()
@@ -300,7 +300,7 @@ def start_from_the_page(tab: Page, gateway: GatewayProcess, epochs: int) -> str:
     """Starts a run of one model from the form; its run id once the page shows it running."""
     tab.goto(gateway.url + "/")
     use_token(tab, TOKEN)
-    tab.get_by_role("checkbox", name=MODELS[0]).check()
+    tab.locator("#start-form").get_by_role("checkbox", name=MODELS[0]).check()
     tab.get_by_label("Dataset").select_option("small")
     tab.get_by_label("Epochs", exact=True).fill(str(epochs))
     # the previous test's worker may still be shutting down: a 409 is shown, then a retry works
