@@ -1,7 +1,7 @@
 """Every bench of bench/README.md in one go: prints a table of the figures against their
 targets and writes bench/results.json (`make bench`).
 
-    .venv/bin/python bench/run.py [--quick] [--only train|live|mid|ray]
+    .venv/bin/python bench/run.py [--quick] [--only train|live|mid|ray|generate]
 
 --quick: small settings (a few minutes), for development; the figures are then only a hint.
 """
@@ -21,7 +21,8 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import live  # after the environment above
+import generate  # after the environment above
+import live
 import mid_model
 import ray_executor
 import train_throughput
@@ -106,6 +107,19 @@ ROWS: list[tuple[str, str, str, Check | None, str | None]] = [
     ),
     ("ray_barrier_ms", "  barrier: rules + learning rates ms", "", None, None),
     (
+        "generate_ratio_vs_inprocess",
+        "generation tokens/s, suite / in-process",
+        ">= 0.9",
+        lambda v: v >= 0.9,
+        "generate_tokens_per_second_inprocess",
+    ),
+    ("generate_grpc_ratio_vs_inprocess", "  through gRPC", "", None, None),
+    ("generate_sse_ratio_vs_inprocess", "  through the gateway (SSE)", "", None, None),
+    ("generate_ttft_ms_inprocess", "  time to first token ms, in-process", "", None, None),
+    ("generate_ttft_ms_grpc", "  time to first token ms, gRPC", "", None, None),
+    ("generate_ttft_ms_sse", "  time to first token ms, gateway", "", None, None),
+    ("generate_tiny_ratio_vs_inprocess", "  the same on tiny-llama", "", None, None),
+    (
         "memory_estimate_error",
         "memory estimate, worst |error|",
         "<= 0.25",
@@ -133,7 +147,7 @@ def table(results: dict[str, Any]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small settings, for development")
-    parser.add_argument("--only", choices=("train", "live", "mid", "ray"))
+    parser.add_argument("--only", choices=("train", "live", "mid", "ray", "generate"))
     args = parser.parse_args()
     started = time.monotonic()
     results: dict[str, Any] = {}
@@ -148,6 +162,8 @@ def main() -> int:
             results.update(mid_model.run(work / "mid", quick=args.quick))
         if args.only in (None, "ray"):
             results.update(ray_executor.run(work / "ray", epochs=2 if args.quick else 4))
+        if args.only in (None, "generate"):
+            results.update(generate.run(work / "generate", rounds=2 if args.quick else 5))
     results["load_average_after"] = os.getloadavg()[0]
     results["seconds"] = round(time.monotonic() - started, 1)
     # every other key is a number; what the figures were measured on is under "about"

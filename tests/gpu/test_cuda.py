@@ -11,15 +11,18 @@ import torch
 
 from services.api import training_pb2
 from services.api.codec import message_to_dict
+from services.api.generate_request import check_generate
 from services.api.run_config import build_config
 from services.core.verify import verify_run_folder as verify_run
 from services.training.data import load_dataset
 from services.training.events import EventLog
+from services.training.generation import answer, prompt_ids
 from services.training.member import PopulationMember
 from services.training.memory_plan import Device, plan_members, visible_devices
 from services.training.models import resolve_models
 from services.training.population import TrainingRun
 from services.training.run_folder import RunFolder
+from services.training.trained import load_trained, locate
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -141,3 +144,39 @@ def test_the_estimate_is_within_a_quarter_of_the_measured_peak(mid_model_dir: Pa
     error = (placement.estimated_bytes - measured) / measured
     print(f"estimate {placement.estimated_bytes} measured {measured} error {error:+.3f}")
     assert abs(error) <= 0.25
+
+
+def test_a_gpu_run_generates_on_the_gpu_in_its_precision(models: Path) -> None:
+    _, summary = train(models)
+    trained = load_trained(locate(summary.run_dir, "tiny-llama"))
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    assert trained.device.type == "cuda" and trained.merged
+    assert next(trained.model.parameters()).dtype == dtype
+    spec = check_generate({"prompt": "What is the capital of", "max_new_tokens": 24})
+    ids = prompt_ids(trained, spec)
+    pieces: list[str] = []
+    result = answer(trained, ids, spec, lambda text, _: pieces.append(text))
+    with torch.inference_mode():
+        reference = trained.model.generate(  # type: ignore[operator]
+            input_ids=ids.cuda(), attention_mask=torch.ones_like(ids).cuda(), max_new_tokens=24,
+            do_sample=False,
+        )  # fmt: skip
+    expected = trained.tokenizer.decode(reference[0, ids.shape[1] :], skip_special_tokens=True)
+    assert result.text == "".join(pieces) == expected
+    sampled = check_generate(
+        {"prompt": "What is", "max_new_tokens": 24, "temperature": 0.9, "seed": 3}
+    )
+    ids = prompt_ids(trained, sampled)
+    runs = [answer(trained, ids, sampled, lambda *_: None).text for _ in range(2)]
+    assert runs[0] == runs[1]  # the request's own CUDA generator
+
+
+def test_a_4bit_run_generates_with_its_adapter_on_the_nf4_base(models: Path) -> None:
+    pytest.importorskip("bitsandbytes")
+    _, summary = train(models, quantization="4bit", precision="bf16")
+    trained = load_trained(locate(summary.run_dir, "tiny-llama"))
+    assert not trained.merged  # NF4 weights cannot take the adapter in
+    assert "Linear4bit" in {type(m).__name__ for m in trained.model.modules()}
+    spec = check_generate({"prompt": "What is", "max_new_tokens": 16})
+    result = answer(trained, prompt_ids(trained, spec), spec, lambda *_: None)
+    assert result.completion_tokens > 0
