@@ -1,4 +1,5 @@
-"""The `oneseek` command: train in a terminal, verify a run folder, make demo assets, run the suite.
+"""The `oneseek` command: train in a terminal, verify a run folder or an export, export and try
+a trained model, make demo assets, run the suite.
 
 Flags override the environment (MODELS_DIR, DATASETS_DIR, ...). Bad input is one line on
 stderr naming the problem and exit status 2; a run that fails exits 1.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import signal
 import sys
@@ -19,9 +21,11 @@ from typing import Any
 
 from services.core.errors import OneSeekError
 from services.core.layout import datasets_dir, models_dir
-from services.core.training_config import START_OPTIONS
+from services.core.training_config import GENERATE_OPTIONS, START_OPTIONS, StartOption
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_INTERRUPTED = 130
+"""Ctrl-C ended `generate` early (128 + SIGINT, as shells report it)."""
 
 
 def _error(message: str) -> int:
@@ -34,6 +38,19 @@ def _error(message: str) -> int:
 _TYPES: dict[str, type] = {"integer": int, "number": float, "enum": str, "string": str}
 _FLAGS = {option.camel: option.cli_flag for option in START_OPTIONS}
 """camelCase start field -> its flag."""
+_GENERATE_FLAGS = {
+    **{option.camel: option.cli_flag for option in GENERATE_OPTIONS},
+    "models": "--model",
+}
+"""camelCase generate field -> its flag."""
+
+
+def _number_help(option: StartOption) -> str:
+    """The option's help, then what it allows and its default."""
+    shown = [option.hint] if option.hint else []
+    if not option.required:
+        shown.append(f"default {option.default_value()}")
+    return option.help + (f" ({'; '.join(shown)})" if shown else "")
 
 
 def _add_train_flags(parser: argparse.ArgumentParser) -> None:
@@ -54,17 +71,13 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
                 flag, dest=option.camel, help=help, action=argparse.BooleanOptionalAction
             )
         else:
-            shown = [option.hint] if option.hint else []
-            if not option.required:
-                shown.append(f"default {option.default_value()}")
-            default = f" ({'; '.join(shown)})" if shown else ""
             parser.add_argument(
                 flag,
                 dest=option.camel,
                 metavar=metavar,
                 type=_TYPES[option.kind],
                 required=option.required,
-                help=help + default,
+                help=_number_help(option),
             )
 
 
@@ -78,9 +91,9 @@ def _train_request(args: argparse.Namespace) -> dict[str, Any]:
     return body
 
 
-def _as_flag(exc: OneSeekError) -> str:
+def _as_flag(exc: OneSeekError, flags: dict[str, str] = _FLAGS) -> str:
     """The checks speak the request's field names; a terminal user typed flags."""
-    flag = _FLAGS.get(exc.field or "")
+    flag = flags.get(exc.field or "")
     if flag and exc.message.startswith(exc.field or ""):
         return flag + exc.message[len(exc.field or "") :]
     return exc.message
@@ -153,27 +166,153 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from services.core.verify import verify_run_folder
+    from services.core.layout import EXPORT_MANIFEST_FILE
+    from services.core.verify import verify_export_folder, verify_run_folder
 
-    run_dir = Path(args.run_folder)
-    if not run_dir.is_dir():
+    folder = Path(args.run_folder)
+    if not folder.is_dir():
         return _error(
-            f"{run_dir} is not a folder; pass a run folder such as "
-            "models/oneseek-certified/run-20260101-120000."
+            f"{folder} is not a folder; pass a run folder such as "
+            "models/oneseek-certified/run-20260101-120000, or a folder `oneseek export` wrote."
         )
     models_root = Path(args.models_dir) if args.models_dir else None
     if models_root is None and os.environ.get("MODELS_DIR"):
         models_root = Path(os.environ["MODELS_DIR"])
-    report = verify_run_folder(run_dir, models_root=models_root, trusted_public_key=args.public_key)
+    if (folder / EXPORT_MANIFEST_FILE).exists():
+        report = verify_export_folder(
+            folder, models_root=models_root, trusted_public_key=args.public_key
+        )
+    else:
+        report = verify_run_folder(
+            folder, models_root=models_root, trusted_public_key=args.public_key
+        )
     for note in report.notes:
         print(f"note: {note}")
     if report.ok:
-        print(f"verified: {run_dir}")
+        print(f"verified: {folder}")
         return EXIT_OK
     for problem in report.problems:
         print(f"mismatch: {problem}")
-    print(f"NOT verified: {run_dir} ({len(report.problems)} problem(s))")
+    print(f"NOT verified: {folder} ({len(report.problems)} problem(s))")
     return EXIT_FAILED
+
+
+def _run_folder(given: str) -> Path | None:
+    folder = Path(given)
+    return folder if folder.is_dir() else None
+
+
+def _not_a_run_folder(given: str) -> int:
+    return _error(
+        f"{given} is not a folder; pass a run folder such as "
+        "models/oneseek-certified/run-20260101-120000."
+    )
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from services.training.export import default_models_root, export_model
+
+    run_dir = _run_folder(args.run_folder)
+    if run_dir is None:
+        return _not_a_run_folder(args.run_folder)
+    models_root = Path(args.models_dir) if args.models_dir else default_models_root(run_dir)
+    try:
+        out = export_model(
+            run_dir, args.model, Path(args.out), merge=args.merge, models_root=models_root
+        )
+    except OneSeekError as exc:
+        return _error(_as_flag(exc, {"model": "--model", "out": "--out"}))
+    manifest = json.loads((out / "oneseek_export.json").read_text(encoding="utf-8"))
+    what = (
+        "the full fine-tuned weights"
+        if manifest["method"] == "full"
+        else "the LoRA adapter merged into its base (float32)"
+        if manifest["merged"]
+        else "the LoRA adapter alone"
+    )
+    size = sum(path.stat().st_size for path in out.rglob("*") if path.is_file())
+    count = len(manifest["files"]) + 1
+    print(f"exported {args.model} of {run_dir.name}: {what}, {count} files, {size / 1e6:.1f} MB")
+    print(f"model card: {out / 'README.md'}")
+    proof = json.loads((out / "ledger_proof.json").read_text(encoding="utf-8"))
+    if proof.get("signer_public_key") != manifest["signer_public_key"]:
+        print(
+            f"note: the manifest is signed by this machine's ledger key "
+            f"{manifest['signer_public_key']}, not by the key that signed the run "
+            f"({proof.get('signer_public_key')}); LEDGER_PRIVATE_KEY_PATH names the key to use."
+        )
+    print(f"verify it with: oneseek verify {out}")
+    print(out)
+    return EXIT_OK
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from services.api.generate_request import check_generate
+    from services.training.export import default_models_root
+    from services.training.generation import answer, prompt_ids
+    from services.training.trained import best_model, load_trained, locate
+
+    run_dir = _run_folder(args.run_folder)
+    if run_dir is None:
+        return _not_a_run_folder(args.run_folder)
+    models_root = Path(args.models_dir) if args.models_dir else default_models_root(run_dir)
+    values: dict[str, Any] = {
+        option.name: getattr(args, option.name) for option in GENERATE_OPTIONS
+    }
+    values.update(prompt=args.prompt, stop=args.stop or [])
+    try:
+        spec = check_generate({**values, "models": [args.model] if args.model else []})
+        model = args.model or best_model(run_dir)
+        if model is None:
+            return _error(f"Run {run_dir.name} has no best model; name one with --model.")
+        source = locate(run_dir, model, models_root)
+        print(f"loading {model} of {source.run_id} ...", file=sys.stderr, flush=True)
+        trained = load_trained(source)
+        ids = prompt_ids(trained, spec)
+    except OneSeekError as exc:
+        return _error(_as_flag(exc, _GENERATE_FLAGS))
+    print(
+        f"{model} on {trained.device} ({trained.precision}), loaded in "
+        f"{trained.load_seconds:.1f} s; {ids.shape[1]} prompt tokens",
+        file=sys.stderr,
+        flush=True,
+    )
+
+    cancelled = threading.Event()
+    out = sys.stdout
+
+    def on_piece(text: str, tokens: int) -> None:
+        if cancelled.is_set():
+            return
+        try:
+            out.write(text)
+            out.flush()
+        except BrokenPipeError:  # `| head`: nobody reads the rest, so stop generating it
+            cancelled.set()
+
+    def on_interrupt(signum: int, frame: FrameType | None) -> None:
+        if cancelled.is_set():
+            raise KeyboardInterrupt
+        cancelled.set()
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        result = answer(trained, ids, spec, on_piece, cancelled)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    try:
+        out.write("\n")
+        out.flush()
+    except BrokenPipeError:
+        # the reader is gone: point stdout at nothing so the interpreter's final flush is quiet
+        os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
+    rate = result.completion_tokens / max(result.generation_seconds, 1e-9)
+    print(
+        f"{result.completion_tokens} tokens in {result.generation_seconds:.2f} s "
+        f"({rate:.1f} tokens/s), finish: {result.finish_reason}",
+        file=sys.stderr,
+    )
+    return EXIT_INTERRUPTED if result.finish_reason == "cancelled" else EXIT_OK
 
 
 def cmd_demo_assets(args: argparse.Namespace) -> int:
@@ -225,11 +364,63 @@ def build_parser() -> argparse.ArgumentParser:
     common(train)
     train.set_defaults(func=cmd_train)
 
-    verify = sub.add_parser("verify", help="check a run folder's hashes and signature offline")
-    verify.add_argument("run_folder")
-    verify.add_argument("--public-key", help="base64 Ed25519 key the proof must be signed with")
+    verify = sub.add_parser(
+        "verify", help="check a run folder's or an export's hashes and signatures offline"
+    )
+    verify.add_argument("run_folder", metavar="FOLDER", help="a run folder or an export folder")
+    verify.add_argument(
+        "--public-key", help="base64 Ed25519 key the proof (and an export) must be signed with"
+    )
     verify.add_argument("--models-dir", help="also check base model hashes found here")
     verify.set_defaults(func=cmd_verify)
+
+    where = "base models folder (default: the folder holding oneseek-certified/ when the run "
+    where += "is in it, else $MODELS_DIR or models)"
+    export = sub.add_parser(
+        "export",
+        help="write one model of a run as a folder from_pretrained loads, with a model card",
+        description="Write one model of a certified run as a folder that transformers' "
+        "from_pretrained loads as it is: the LoRA merged into its base (--merge), or the "
+        "adapter alone; a full fine-tune's weights either way. With its tokenizer, a model "
+        "card (README.md) and a signed manifest `oneseek verify` checks.",
+    )
+    export.add_argument("run_folder", metavar="RUN_FOLDER")
+    export.add_argument("--model", required=True, help="which of the run's models")
+    export.add_argument("--out", required=True, help="the new (or empty) folder to write")
+    export.add_argument(
+        "--merge",
+        action="store_true",
+        help="merge the LoRA adapter into the base weights (float32; a 4-bit run needs a CUDA "
+        "GPU); without it a LoRA run exports its adapter alone",
+    )
+    export.add_argument("--models-dir", help=where)
+    export.set_defaults(func=cmd_export)
+
+    generate = sub.add_parser(
+        "generate",
+        help="stream a trained model's answer to a prompt, in this process",
+        description="Load one model of a certified run (after verifying the run folder) and "
+        "stream its answer to PROMPT on stdout; a summary goes to stderr. Ctrl-C stops it.",
+    )
+    generate.add_argument("run_folder", metavar="RUN_FOLDER")
+    generate.add_argument("prompt", metavar="PROMPT", help="the text the model continues")
+    generate.add_argument("--model", help="which of the run's models (default: the run's best)")
+    for option in GENERATE_OPTIONS:
+        generate.add_argument(
+            option.cli_flag,
+            dest=option.name,
+            metavar=option.cli_flag[2:].replace("-", "_").upper(),
+            type=_TYPES[option.kind],
+            help=_number_help(option),
+        )
+    generate.add_argument(
+        "--stop",
+        action="append",
+        metavar="TEXT",
+        help="end the answer before this text (repeat for several)",
+    )
+    generate.add_argument("--models-dir", help=where)
+    generate.set_defaults(func=cmd_generate)
 
     demo = sub.add_parser("demo-assets", help="create tiny seeded demo models and the sample data")
     demo.add_argument("--force", action="store_true", help="recreate existing demo models")

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -161,3 +162,128 @@ def test_an_unreadable_tls_ca_is_bad_input(
     assert main(["gateway", "--port", "0", "--tls-ca", str(missing)]) == 2
     err = capsys.readouterr().err
     assert "--tls-ca" in err and str(missing) in err
+
+
+# ---- using what was trained: export, verify an export, generate --------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory, demo_models_dir: Path) -> Iterator[Path]:
+    """A LoRA run of tiny-llama and tiny-gpt2, one epoch, in its own MODELS_DIR."""
+    from tests.training.test_export import train
+
+    root = tmp_path_factory.mktemp("cli-run")
+    models = root / "models"
+    models.mkdir()
+    for name in ("tiny-llama", "tiny-gpt2"):
+        (models / name).symlink_to(demo_models_dir / name, target_is_directory=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ONESEEK_STATE_DIR", str(root / "var"))
+        patch.delenv("LEDGER_URL", raising=False)
+        patch.delenv("LEDGER_PRIVATE_KEY_PATH", raising=False)
+        patch.delenv("MODELS_DIR", raising=False)
+        yield train(models, "run-20260302-000001", ["tiny-llama", "tiny-gpt2"], "lora")
+
+
+def test_export_then_verify_the_export(
+    trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "tiny-llama-merged"
+    assert (
+        main(["export", str(trained_run), "--model", "tiny-llama", "--out", str(out), "--merge"])
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert f"oneseek verify {out}" in printed and printed.strip().splitlines()[-1] == str(out)
+    assert (out / "model.safetensors").is_file() and (out / "README.md").is_file()
+
+    assert main(["verify", str(out)]) == 0
+    assert f"verified: {out}" in capsys.readouterr().out
+    data = bytearray((out / "model.safetensors").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (out / "model.safetensors").write_bytes(bytes(data))
+    assert main(["verify", str(out)]) == 1
+    printed = capsys.readouterr().out
+    assert "mismatch: model.safetensors has changed" in printed and "NOT verified" in printed
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--model", "nope"], "'nope' is not one of"),
+        (["--model", "tiny-llama", "--out", "{taken}"], "is not empty"),
+    ],
+)
+def test_export_bad_input_is_one_line_exit_2(
+    trained_run: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    args: list[str],
+    expected: str,
+) -> None:
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "file").write_text("")
+    args = [a.replace("{taken}", str(taken)) for a in args]
+    if "--out" not in args:
+        args += ["--out", str(tmp_path / "new")]
+    assert main(["export", str(trained_run), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and expected in err
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("model", ["tiny-gpt2", "tiny-llama"])
+def test_generate_streams_the_greedy_answer_of_the_merged_model(
+    trained_run: Path, capsys: pytest.CaptureFixture[str], model: str
+) -> None:
+    from services.training.trained import load_trained, locate
+
+    prompt = "The"  # the tiny models answer it at length (most prompts end at once)
+    args = ["generate", str(trained_run), "--model", model, "--max-new-tokens", "12", prompt]
+    assert main(args) == 0
+    streamed = capsys.readouterr()
+
+    trained = load_trained(locate(trained_run, model), merge=True)
+    assert trained.merged
+    ids = trained.tokenizer(prompt, return_tensors="pt")["input_ids"]
+    output = trained.model.generate(
+        input_ids=ids, attention_mask=ids.new_ones(ids.shape), max_new_tokens=12, do_sample=False
+    )
+    expected = trained.tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True)
+    assert expected.strip()  # an answer worth comparing
+    assert streamed.out == expected + "\n"
+    summary = streamed.err.strip().splitlines()[-1]
+    assert summary.startswith("12 tokens in") and "tokens/s" in summary
+    assert summary.endswith("finish: length")
+
+
+def test_generate_options_come_from_the_one_description(
+    trained_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from services.core.training_config import GENERATE_OPTIONS
+
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for option in GENERATE_OPTIONS:
+        assert option.cli_flag in text and " ".join(option.help.split()) in text
+    assert main(["generate", str(trained_run), "--temperature", "5", "hello"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --temperature must be") and "\n" not in err.strip()
+    assert main(["generate", str(trained_run), "--model", "nope", "hello"]) == 2
+    assert "'nope' is not one of" in capsys.readouterr().err
+
+
+def test_the_command_line_parses_without_torch() -> None:
+    code = (
+        "import sys\n"
+        "from services.cli import build_parser\n"
+        "build_parser().parse_args(['generate', 'run', '--temperature', '0.5', 'hi'])\n"
+        "build_parser().parse_args(['export', 'run', '--model', 'm', '--out', 'o'])\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
+    )
+    assert out.stdout.strip() == "[]"

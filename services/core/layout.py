@@ -24,6 +24,11 @@ CHECKPOINTS_DIR = "checkpoints"
 ARTIFACTS = (LIVE_METRICS_FILE, RESULTS_FILE, DNA_FILE, PROOF_FILE)
 """The run folder's JSON files a client may fetch (GetArtifact, GET …/artifacts/{name})."""
 
+# ---- inside an exported model folder (`oneseek export`) ---------------------------------------
+EXPORT_MANIFEST_FILE = "oneseek_export.json"
+EXPORT_FORMAT = "oneseek-export-v1"
+"""The manifest's `format`: what `oneseek verify` knows how to check."""
+
 
 def models_dir(given: str | Path | None = None) -> Path:
     """Base models (`<name>/` folders) and, inside, the run folders: `given` (a flag), else

@@ -1,4 +1,5 @@
-"""`oneseek verify`: recompute every hash of a certified run folder and check its signature.
+"""`oneseek verify`: recompute every hash of a certified run folder, or of a model exported
+from one, and check the signatures.
 
 Offline and read-only. Every difference becomes one sentence naming the file and what
 differs; things that could not be checked become notes.
@@ -25,7 +26,14 @@ from services.core.dna import (
     weight_files,
 )
 from services.core.errors import OneSeekError
-from services.core.layout import ADAPTERS_DIR, CERTIFIED_DIR, DNA_FILE, PROOF_FILE
+from services.core.layout import (
+    ADAPTERS_DIR,
+    CERTIFIED_DIR,
+    DNA_FILE,
+    EXPORT_FORMAT,
+    EXPORT_MANIFEST_FILE,
+    PROOF_FILE,
+)
 from services.core.ledger import ALGORITHM, PROOF_EVENT, verify_proof_signature
 
 JSON_FILES = (*ARTIFACT_FILES, DNA_FILE, PROOF_FILE)
@@ -91,6 +99,145 @@ def verify_run_folder(
     return report
 
 
+def verify_export_folder(
+    path: Path, *, models_root: Path | None = None, trusted_public_key: str | None = None
+) -> VerifyReport:
+    """Check a folder `oneseek export` wrote against its signed manifest (oneseek_export.json)
+    and the certificate of the run it came from, which it carries (oneseek_dna.json and
+    ledger_proof.json beside the manifest).
+
+    Every file is hashed against the manifest (a changed, missing or extra file is a problem),
+    the manifest's signature and the run's proof are checked, the manifest must name the run,
+    DNA and immutable_hash of the DNA it carries, and every file it says was copied from the
+    run folder must have the hash the DNA records for that file. `models_root`: for an
+    adapter-only export, also check the base model found there. `trusted_public_key` pins who
+    must have signed both the proof and the manifest.
+    """
+    path = Path(path)
+    problems: list[str] = []
+    notes: list[str] = []
+    report = VerifyReport(run_dir=path, problems=problems, notes=notes)
+    if not path.is_dir():
+        problems.append(f"{path} is not an export folder (it does not exist or is not a folder).")
+        return report
+    manifest = _read_json_artifact(path / EXPORT_MANIFEST_FILE, problems)
+    if manifest is None:
+        return report
+    if not isinstance(manifest, dict):
+        problems.append(f"{EXPORT_MANIFEST_FILE} is not a JSON object.")
+        return report
+    if manifest.get("format") != EXPORT_FORMAT:
+        problems.append(
+            f"{EXPORT_MANIFEST_FILE} has format {manifest.get('format')!r}; this oneseek "
+            f"verifies {EXPORT_FORMAT}."
+        )
+    if not verify_proof_signature(manifest):
+        problems.append(
+            f"{EXPORT_MANIFEST_FILE}: the signature is not valid for its content and "
+            "signer_public_key (the manifest was changed after it was signed)."
+        )
+    _check_signer(EXPORT_MANIFEST_FILE, manifest, trusted_public_key, problems)
+    files = _check_export_files(path, manifest.get("files"), problems)
+
+    dna = _read_json_artifact(path / DNA_FILE, problems)
+    if dna is not None and not isinstance(dna, dict):
+        problems.append(f"{DNA_FILE} is not a JSON object.")
+        dna = None
+    if dna is not None:
+        _check_dna_content(dna, problems)
+        _check_export_against_dna(manifest, dna, files, problems)
+    proof = _read_json_artifact(path / PROOF_FILE, problems)
+    if proof is not None and not isinstance(proof, dict):
+        problems.append(f"{PROOF_FILE} is not a JSON object.")
+    elif proof is not None:
+        _check_proof(proof, dna, trusted_public_key, problems)
+        _note_signer_and_ledger(proof, trusted_public_key, notes)
+        signer = manifest.get("signer_public_key")
+        if trusted_public_key is None and signer != proof.get("signer_public_key"):
+            notes.append(
+                f"{EXPORT_MANIFEST_FILE} was signed by key {signer}, not by the key that signed "
+                f"the run's proof; both signatures are valid, but they are two signers."
+            )
+    if dna is not None and manifest.get("merged") is False:
+        base = [m for m in dna.get("base_models") or () if _named(m, manifest.get("model"))]
+        if models_root is None:
+            notes.append(
+                f"The base model {manifest.get('model')} is not part of an adapter export; "
+                f"{DNA_FILE} holds its hashes (give the folder that holds it to check a copy)."
+            )
+        else:
+            _check_base_models(base, Path(models_root), problems, notes)
+    return report
+
+
+def _named(entry: Any, name: Any) -> bool:
+    return isinstance(entry, dict) and entry.get("name") == name
+
+
+def _check_export_files(path: Path, recorded: Any, problems: list[str]) -> dict[str, str]:
+    """The hashes the manifest records, each compared with the file's; returns them."""
+    if not isinstance(recorded, dict) or not all(
+        isinstance(name, str) and isinstance(digest, str) for name, digest in recorded.items()
+    ):
+        problems.append(f"{EXPORT_MANIFEST_FILE} has no files object of {{path: sha256}}.")
+        return {}
+    try:
+        actual = hash_tree(path)
+    except OneSeekError as error:
+        problems.append(f"{path} cannot be hashed: {error}")
+        return recorded
+    actual.pop(EXPORT_MANIFEST_FILE, None)
+    for name in sorted(recorded.keys() | actual.keys()):
+        if name not in actual:
+            problems.append(f"{name} is missing ({EXPORT_MANIFEST_FILE} lists it).")
+        elif name not in recorded:
+            problems.append(f"{name} is an extra file that {EXPORT_MANIFEST_FILE} does not list.")
+        elif actual[name] != recorded[name]:
+            problems.append(
+                f"{name} has changed since it was exported (sha256 {actual[name]}, "
+                f"{EXPORT_MANIFEST_FILE} records {recorded[name]})."
+            )
+    return recorded
+
+
+def _check_export_against_dna(
+    manifest: dict[str, Any], dna: dict[str, Any], files: dict[str, str], problems: list[str]
+) -> None:
+    """The manifest speaks of the run the DNA certifies, and the files it says it copied from
+    the run folder are the certified ones."""
+    for field in ("run_id", "dna", "immutable_hash"):
+        if manifest.get(field) != dna.get(field):
+            problems.append(
+                f"{EXPORT_MANIFEST_FILE}: {field} {manifest.get(field)!r} differs from "
+                f"{DNA_FILE}'s {dna.get(field)!r}."
+            )
+    model = manifest.get("model")
+    adapters = dna.get("adapters")
+    certified = adapters.get(model) if isinstance(adapters, dict) else None
+    if not isinstance(certified, dict):
+        problems.append(f"{EXPORT_MANIFEST_FILE} names model {model!r}, which {DNA_FILE} lacks.")
+        return
+    copied = manifest.get("certified_files")
+    if not isinstance(copied, dict):
+        problems.append(
+            f"{EXPORT_MANIFEST_FILE} has no certified_files object of {{path: run folder path}}."
+        )
+        return
+    prefix = f"{ADAPTERS_DIR}/{model}/"
+    for name, origin in sorted(copied.items()):
+        inner = origin[len(prefix) :] if isinstance(origin, str) else ""
+        if not isinstance(origin, str) or not origin.startswith(prefix) or inner not in certified:
+            problems.append(
+                f"{EXPORT_MANIFEST_FILE}: {name} is said to come from {origin!r}, which "
+                f"{DNA_FILE} does not list for {model}."
+            )
+        elif files.get(name) != certified[inner]:
+            problems.append(
+                f"{name} is not the certified {origin} (sha256 {files.get(name)}, {DNA_FILE} "
+                f"records {certified[inner]})."
+            )
+
+
 def _read_json_artifact(path: Path, problems: list[str]) -> Any:
     name = path.name
     if path.is_symlink():
@@ -123,10 +270,6 @@ def _read_json_artifact(path: Path, problems: list[str]) -> Any:
 
 
 def _check_dna(run_dir: Path, dna: dict[str, Any], problems: list[str]) -> None:
-    if dna.get("version") != DNA_VERSION:
-        problems.append(
-            f"{DNA_FILE} has version {dna.get('version')!r}; this oneseek verifies {DNA_VERSION}."
-        )
     if dna.get("run_id") != run_dir.name:
         problems.append(
             f"{DNA_FILE} is for run {dna.get('run_id')!r} but the folder is named {run_dir.name!r}."
@@ -148,7 +291,15 @@ def _check_dna(run_dir: Path, dna: dict[str, Any], problems: list[str]) -> None:
                     f"{name} has changed since the run was certified (sha256 {actual}, "
                     f"{DNA_FILE} records {recorded})."
                 )
+    _check_dna_content(dna, problems)
 
+
+def _check_dna_content(dna: dict[str, Any], problems: list[str]) -> None:
+    """The DNA document against itself: its version, immutable_hash and dna string."""
+    if dna.get("version") != DNA_VERSION:
+        problems.append(
+            f"{DNA_FILE} has version {dna.get('version')!r}; this oneseek verifies {DNA_VERSION}."
+        )
     recorded_hash = dna.get("immutable_hash")
     actual_hash = compute_immutable_hash(dna)
     if recorded_hash != actual_hash:
@@ -278,19 +429,28 @@ def _check_proof(
             f"{PROOF_FILE}: the signature is not valid for its content and signer_public_key "
             "(the proof was changed after it was signed)."
         )
-    if trusted_public_key is not None:
-        trusted = _raw_public_key(trusted_public_key)
-        signer = _raw_public_key(proof.get("signer_public_key"))
-        if trusted is None:
-            problems.append(
-                f"The trusted public key {trusted_public_key!r} is not a base64 raw Ed25519 "
-                "key (32 bytes)."
-            )
-        elif signer != trusted:
-            problems.append(
-                f"{PROOF_FILE} was signed by key {proof.get('signer_public_key')!r}, not by the "
-                f"trusted key {trusted_public_key.strip()!r}."
-            )
+    _check_signer(PROOF_FILE, proof, trusted_public_key, problems)
+
+
+def _check_signer(
+    name: str, signed: Mapping[str, Any], trusted_public_key: str | None, problems: list[str]
+) -> None:
+    if trusted_public_key is None:
+        return
+    trusted = _raw_public_key(trusted_public_key)
+    signer = _raw_public_key(signed.get("signer_public_key"))
+    if trusted is None:
+        problem = (
+            f"The trusted public key {trusted_public_key!r} is not a base64 raw Ed25519 "
+            "key (32 bytes)."
+        )
+        if problem not in problems:
+            problems.append(problem)
+    elif signer != trusted:
+        problems.append(
+            f"{name} was signed by key {signed.get('signer_public_key')!r}, not by the "
+            f"trusted key {trusted_public_key.strip()!r}."
+        )
 
 
 def _note_signer_and_ledger(
