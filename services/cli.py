@@ -210,7 +210,8 @@ def _not_a_run_folder(given: str) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from services.training.export import default_models_root, export_model
+    from services.training.export import export_model
+    from services.training.trained import default_models_root
 
     run_dir = _run_folder(args.run_folder)
     if run_dir is None:
@@ -248,9 +249,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from services.api.generate_request import check_generate
-    from services.training.export import default_models_root
     from services.training.generation import answer, prompt_ids
-    from services.training.trained import best_model, load_trained, locate
+    from services.training.trained import best_model, default_models_root, load_trained, locate
 
     run_dir = _run_folder(args.run_folder)
     if run_dir is None:
@@ -348,6 +348,16 @@ def _tls_client_flag(parser: argparse.ArgumentParser, whom: str) -> None:
     parser.add_argument(
         "--tls-ca", help=f"PEM CA bundle: reach {whom} over TLS (default $ONESEEK_TLS_CA)"
     )
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -458,6 +468,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=3,
         help="with ray: how often a run rebuilds its members after one died mid-epoch",
+    )
+    training.add_argument(
+        "--generate-cache-gib",
+        type=_positive_float,
+        default=os.environ.get("ONESEEK_GENERATE_CACHE_GIB"),
+        help="GiB of loaded models kept for Generate, least recently used out (default "
+        "$ONESEEK_GENERATE_CACHE_GIB, else half of this machine's memory)",
     )
     _tls_server_flags(training)
     training.add_argument(

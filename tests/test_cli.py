@@ -154,6 +154,25 @@ def test_service_commands_take_the_tls_flags() -> None:
     assert parser.parse_args(["gateway", "--tls-ca", "ca.pem"]).tls_ca == "ca.pem"
 
 
+def test_the_generation_cache_bound_is_a_flag_or_the_environment(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from services.cli import build_parser
+    from services.training.server import _gib
+
+    monkeypatch.delenv("ONESEEK_GENERATE_CACHE_GIB", raising=False)
+    assert build_parser().parse_args(["training-service"]).generate_cache_gib is None
+    given = build_parser().parse_args(["training-service", "--generate-cache-gib", "1.5"])
+    assert _gib(given.generate_cache_gib) == int(1.5 * 1024**3)
+    monkeypatch.setenv("ONESEEK_GENERATE_CACHE_GIB", "8")
+    assert build_parser().parse_args(["training-service"]).generate_cache_gib == 8.0
+    for bad in ("0", "-1", "lots", "inf"):
+        with pytest.raises(SystemExit) as caught:
+            build_parser().parse_args(["training-service", "--generate-cache-gib", bad])
+        assert caught.value.code == 2
+        assert "--generate-cache-gib: must be a number above 0" in capsys.readouterr().err
+
+
 def test_an_unreadable_tls_ca_is_bad_input(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,7 +53,11 @@ class VerifyReport:
 
 
 def verify_run_folder(
-    run_dir: Path, *, models_root: Path | None = None, trusted_public_key: str | None = None
+    run_dir: Path,
+    *,
+    models_root: Path | None = None,
+    trusted_public_key: str | None = None,
+    base_models: Collection[str] | None = None,
 ) -> VerifyReport:
     """Check a run folder against its own DNA and signed proof.
 
@@ -61,6 +65,8 @@ def verify_run_folder(
     `<models>/oneseek-certified/<runId>/`, that `<models>` is used. `trusted_public_key`
     (base64, raw Ed25519) pins who must have signed; without it the signature only shows
     the proof is intact, since anyone can re-sign a forged proof with a key of their own.
+    `base_models` limits the rehashing of base model weights to those models (loading one
+    model of a run of several 7B checkpoints need not read all of them); the rest is checked.
     """
     run_dir = Path(run_dir)
     problems: list[str] = []
@@ -84,7 +90,7 @@ def verify_run_folder(
             _check_adapters(adapters_dir, dna.get("adapters"), problems)
         if models_root is None:
             models_root = _models_root_of(run_dir)
-        _check_base_models(dna.get("base_models"), models_root, problems, notes)
+        _check_base_models(dna.get("base_models"), models_root, problems, notes, base_models)
 
     proof = docs[PROOF_FILE]
     if proof is not None and not isinstance(proof, dict):
@@ -357,7 +363,11 @@ def _models_root_of(run_dir: Path) -> Path | None:
 
 
 def _check_base_models(
-    base_models: Any, models_root: Path | None, problems: list[str], notes: list[str]
+    base_models: Any,
+    models_root: Path | None,
+    problems: list[str],
+    notes: list[str],
+    only: Collection[str] | None = None,
 ) -> None:
     if not isinstance(base_models, list) or not all(isinstance(m, dict) for m in base_models):
         problems.append(f"{DNA_FILE} has no base_models list.")
@@ -368,6 +378,9 @@ def _check_base_models(
         # The name comes from the file being verified; never let it point outside models_root.
         if not parts or Path(name).is_absolute() or ".." in parts:
             problems.append(f"{DNA_FILE} lists a base model with an unusable name {name!r}.")
+            continue
+        if only is not None and name not in only:
+            notes.append(f"base model {name} was not asked for; its hashes were not checked.")
             continue
         model_dir = models_root / name if models_root is not None else None
         if model_dir is None or not model_dir.is_dir():

@@ -31,12 +31,10 @@ from services.core.dna import hash_tree
 from services.core.errors import ArtifactError, Conflict, InvalidInput, NotFound, OneSeekError
 from services.core.layout import (
     ADAPTERS_DIR,
-    CERTIFIED_DIR,
     DNA_FILE,
     EXPORT_FORMAT,
     EXPORT_MANIFEST_FILE,
     PROOF_FILE,
-    models_dir,
 )
 from services.core.ledger import load_signing_key, public_key_b64, signed_payload
 from services.core.verify import verify_run_folder
@@ -44,6 +42,7 @@ from services.training.models import quiet_progress
 from services.training.trained import (
     TrainedSource,
     choose_device,
+    default_models_root,
     inference_precision,
     load_trained,
     locate,
@@ -54,15 +53,6 @@ CARD_FILE = "README.md"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 _CHUNK = 1 << 20
-
-
-def default_models_root(run_dir: Path) -> Path:
-    """Where a run's base models are: the folder above `oneseek-certified/` when the run sits
-    in `<models>/oneseek-certified/<runId>/`, else MODELS_DIR."""
-    resolved = Path(run_dir).resolve()
-    if resolved.parent.name == CERTIFIED_DIR:
-        return resolved.parent.parent
-    return models_dir()
 
 
 def export_model(
@@ -178,7 +168,9 @@ def _model_field() -> Iterator[None]:
 def _verify_run(source: TrainedSource) -> None:
     """As `verify_source`, for an export that needs no base model: a base model that is not
     there is fine (the run's certificate still holds its hashes)."""
-    report = verify_run_folder(source.run_dir, models_root=source.models_root)
+    report = verify_run_folder(
+        source.run_dir, models_root=source.models_root, base_models=[source.model]
+    )
     if not report.ok:
         shown = " ".join(report.problems[:3])
         more = f" (and {len(report.problems) - 3} more)" if len(report.problems) > 3 else ""

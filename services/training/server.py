@@ -208,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
                 ray_address=args.ray_address,
                 max_member_restarts=args.max_member_restarts,
             ),
-            generate_cache_bytes=_gib(getattr(args, "generate_cache_gib", None)),
+            generate_cache_bytes=_gib(args.generate_cache_gib),
         )
     )
     return 0

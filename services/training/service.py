@@ -328,12 +328,12 @@ class TrainingService:
             raise Conflict(f"Run {run_id} is {status}: {why}.", field=field)
         return record
 
-    def _model_of(self, record: RunRecord, name: str) -> str:
+    def _model_of(self, record: RunRecord, name: str, field: str = "models") -> str:
         names = [str(m.get("name")) for m in record.models]
         if name not in names:
             raise NotFound(
                 f"Model {name!r} is not one of run {record.run_id}'s models ({', '.join(names)}).",
-                field="models",
+                field=field,
             )
         return name
 
@@ -358,7 +358,7 @@ class TrainingService:
         from services.training.export import archive_chunks, export_model
 
         record = self.finished(run_id)
-        self._model_of(record, validate_model_name(model, "model"))
+        self._model_of(record, validate_model_name(model, "model"), "model")
         kind = "merged" if merge else "adapter"
         name = f"{run_id}-{model}-{kind}"
         staging = self.state_dir / "exports" / f"{name}-{uuid.uuid4().hex[:8]}"

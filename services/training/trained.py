@@ -18,7 +18,7 @@ import torch
 from services.api import training_pb2
 from services.api.run_config import RunConfig, config_from_dict, is_lora
 from services.core.errors import Conflict, InvalidInput, NotFound
-from services.core.layout import ADAPTERS_DIR, DNA_FILE, RESULTS_FILE
+from services.core.layout import ADAPTERS_DIR, CERTIFIED_DIR, DNA_FILE, RESULTS_FILE, models_dir
 from services.core.training_config import validate_model_name
 from services.core.verify import verify_run_folder
 from services.training.models import BaseModelInfo, load_model, quiet_progress
@@ -111,15 +111,23 @@ def locate(run_dir: Path, model: str, models_root: Path | None = None) -> Traine
             "missing).",
             field="models",
         )
-    root = Path(models_root) if models_root is not None else run_dir.resolve().parent.parent
     return TrainedSource(
         run_dir=run_dir,
         model=model,
-        models_root=root,
+        models_root=Path(models_root) if models_root is not None else default_models_root(run_dir),
         config=config_from_dict(results.get("config") or {}),
         dna=dna,
         results=results,
     )
+
+
+def default_models_root(run_dir: Path) -> Path:
+    """Where a run's base models are: the folder above `oneseek-certified/` when the run sits
+    in `<models>/oneseek-certified/<runId>/`, else MODELS_DIR."""
+    resolved = Path(run_dir).resolve()
+    if resolved.parent.name == CERTIFIED_DIR:
+        return resolved.parent.parent
+    return models_dir()
 
 
 def _read_json(path: Path, run_dir: Path) -> dict[str, Any]:
@@ -141,7 +149,10 @@ def _read_json(path: Path, run_dir: Path) -> dict[str, Any]:
 def verify_source(source: TrainedSource) -> None:
     """Conflict naming what differs when the run folder (its adapters, its files, its base
     models' weights) is not exactly what was certified."""
-    report = verify_run_folder(source.run_dir, models_root=source.models_root)
+    # this model's base only: the others' weights (7B each) are not what is being loaded
+    report = verify_run_folder(
+        source.run_dir, models_root=source.models_root, base_models=[source.model]
+    )
     if not report.ok:
         shown = " ".join(report.problems[:3])
         more = f" (and {len(report.problems) - 3} more)" if len(report.problems) > 3 else ""
@@ -150,7 +161,7 @@ def verify_source(source: TrainedSource) -> None:
             "Run `oneseek verify` on the folder for every difference.",
             field="runId",
         )
-    if not source.base_dir.is_dir():
+    if source.lora and not source.base_dir.is_dir():  # a full run's weights stand alone
         raise NotFound(
             f"Base model {source.model!r} of run {source.run_id} is not in {source.models_root}.",
             field="models",
@@ -237,7 +248,9 @@ def load_trained(
     started = time.perf_counter()
     if verify:
         verify_source(source)
-    device = device or choose_device(source)
+    if device is None or source.four_bit:
+        chosen = choose_device(source)  # a 4-bit base refuses a machine without a GPU
+        device = device if device is not None and device.type == "cuda" else chosen
     precision = precision or inference_precision(source, device)
     dtype = DTYPES[precision]
     with _LOADING:

@@ -5,11 +5,13 @@ before the service starts, which finds them on disk."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 import urllib.error
 import urllib.request
@@ -22,6 +24,7 @@ import pytest
 import torch
 
 from services.api import training_pb2, training_pb2_grpc
+from services.core.verify import verify_export_folder
 from services.training.trained import load_trained, locate
 from tests.processes import ONESEEK, REPO, GatewayProcess, ServiceProcess, workspace_env
 
@@ -410,3 +413,71 @@ def test_an_outside_client_streams_with_only_the_protos(
     best = json.loads((run_dir / "training_results.json").read_text())["best_model"]
     assert text == _greedy(run_dir, best, PROMPT, 16)
     assert reason in ("length", "eos")
+
+
+# ---- exports: over gRPC and as the page's download ---------------------------------------------
+
+
+def _untar(data: bytes, where: Path) -> Path:
+    with tarfile.open(fileobj=io.BytesIO(data)) as archive:
+        names = archive.getnames()
+        archive.extractall(where, filter="data")
+    return where / names[0].split("/")[0]
+
+
+def test_an_export_streams_as_a_tar_that_loads_and_verifies(
+    suite: dict[str, Any], tmp_path: Path
+) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run_dir, stub = suite["runs"][0], suite["stub"]
+    request = training_pb2.ExportModelRequest(run_id=run_dir.name, model="tiny-llama", merge=True)
+    chunks = list(stub.ExportModel(request, metadata=AUTH))
+    assert chunks[0].filename == f"{run_dir.name}-tiny-llama-merged.tar"
+    folder = _untar(b"".join(chunk.data for chunk in chunks), tmp_path / "grpc")
+    assert verify_export_folder(folder).ok
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False
+        )
+    text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    assert text == _greedy(run_dir, "tiny-llama", PROMPT, 24)
+    staging = Path(suite["env"]["ONESEEK_STATE_DIR"]) / "exports"
+    assert not staging.exists() or not any(staging.iterdir())  # removed once streamed
+
+    gateway = suite["gateway"]
+    url = f"{gateway.url}/api/admin/training/{run_dir.name}/export?model=tiny-gpt2"
+    download = urllib.request.Request(url, headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(download, timeout=120) as reply:
+        assert reply.headers["Content-Type"] == "application/x-tar"
+        name = f"{run_dir.name}-tiny-gpt2-adapter.tar"
+        assert reply.headers["Content-Disposition"] == f'attachment; filename="{name}"'
+        adapter = _untar(reply.read(), tmp_path / "http")
+    assert (adapter / "adapter_config.json").is_file()
+    assert verify_export_folder(adapter).ok
+
+
+@pytest.mark.parametrize(
+    ("query", "token", "status", "field"),
+    [
+        ("model=tiny-mistral", TOKEN, 404, "model"),
+        ("model=../x", TOKEN, 400, "model"),
+        ("", TOKEN, 400, "model"),
+        ("model=tiny-llama&merge=yes", TOKEN, 400, "merge"),
+        ("model=tiny-llama", None, 401, None),
+    ],
+)
+def test_export_refusals(
+    suite: dict[str, Any], query: str, token: str | None, status: int, field: str | None
+) -> None:
+    gateway, run_id = suite["gateway"], suite["runs"][0].name
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    url = f"{gateway.url}/api/admin/training/{run_id}/export?{query}"
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60)
+    with caught.value as error:
+        assert error.code == status
+        assert json.loads(error.read())["field"] == field
