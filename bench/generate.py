@@ -3,9 +3,9 @@ tokens per second and time to first token, through gRPC (TrainingService.Generat
 the gateway (Server-Sent Events).
 
 One run is trained for real (`oneseek train`, 1 epoch of each model), the training service and
-the gateway start as processes, and each model answers once through the service first, so its
-cache holds it: the rounds compare generating, not loading. Rounds alternate in-process, gRPC,
-gateway, so machine noise falls on all three; figures are medians.
+the gateway start as processes, and each way answers once untimed first (the service's cache
+loads the model, CUDA warms up): the rounds compare generating, not loading. Rounds alternate
+in-process, gRPC, gateway, so machine noise falls on all three; figures are medians.
 
     .venv/bin/python bench/generate.py [--rounds 5] [--tokens 128]
 """
@@ -58,7 +58,7 @@ class InProcess:
     def __init__(self, run_dir: Path, model: str) -> None:
         self.trained = load_trained(locate(run_dir, model))
         tokenizer = self.trained.tokenizer
-        self.ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+        self.ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"].to(self.trained.device)
 
     def __call__(self, tokens: int) -> tuple[float, float, int]:
         first: list[float] = []
@@ -148,7 +148,10 @@ def run(work: Path, rounds: int = 5, tokens: int = 128) -> dict[str, float]:
             stub = training_pb2_grpc.TrainingServiceStub(channel)
             for model in MODELS:
                 local = InProcess(run_dir, model)
-                over_grpc(stub, run_dir.name, model, 4)  # loads it into the service's cache
+                # untimed first answers: the service's cache loads the model, CUDA warms up
+                local(tokens)
+                over_grpc(stub, run_dir.name, model, tokens)
+                over_sse(gateway.url, run_dir.name, model, tokens)
                 samples: dict[str, list[tuple[float, float, int]]] = {
                     "in": [],
                     "grpc": [],
