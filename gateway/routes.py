@@ -72,6 +72,9 @@ class Route:
     query: tuple[str, ...] = ()
     websocket: bool = False
     """The access check also takes `?token=` (browsers cannot set a websocket's headers)."""
+    download: bool = False
+    """A download the page links to: the access check also takes `?token=`, as a link cannot
+    send headers (a same-site check applies as for a websocket)."""
 
 
 def run_id_of(request: web.Request) -> str:
@@ -104,7 +107,8 @@ class Routes:
     def _guard(self, route: Route, endpoint: Endpoint) -> Handler:
         async def guarded(request: web.Request) -> web.StreamResponse:
             # before any answer: a websocket is refused before the upgrade
-            authorize(request, route.access, self.settings, websocket=route.websocket)
+            query_token = route.websocket or route.download
+            authorize(request, route.access, self.settings, websocket=query_token)
             return await endpoint(self, request)
 
         return guarded
@@ -382,9 +386,11 @@ ROUTES = (
     Route("GET", "/api/admin/training/{runId}/export", Routes.export, Access.ADMIN,
           "Download one model of a finished run as a tar of a folder `from_pretrained` loads: "
           "merge=true folds the LoRA adapter into the base weights, else the adapter alone; "
-          "with its model card (README.md) and signed manifest (`oneseek verify` checks it).",
+          "with its model card (README.md) and signed manifest (`oneseek verify` checks it). "
+          "The page links here with `?token=` (a link cannot send headers).",
           (Answer(None, "An uncompressed tar archive.", media=TAR_TYPE),),
-          errors=(400, 401, 403, 404, 409, 502, 503), query=("model", "merge")),
+          errors=(400, 401, 403, 404, 409, 502, 503), query=("model", "merge", "token"),
+          download=True),
     Route("GET", "/ws/training", Routes.training_feed, Access.READ,
           "Websocket feed of a run (upgrade). Messages: WebSocketMessage. initial_state first, "
           "then every later event in seq order; with since, exactly the events after since. "

@@ -3,7 +3,7 @@
 // with its figures when it is done. The options' fields, defaults and limits come from the
 // generate options of /api/config, drawn as the start form draws its own.
 
-import { ApiError, api } from "./api.js";
+import { ApiError, api, getToken } from "./api.js";
 import { element } from "./dom.js";
 import { drawField } from "./form.js";
 import { DASH, formatCount, formatRate, formatSeconds, isNumber } from "./format.js";
@@ -179,6 +179,8 @@ export class TryItPanel {
     this.cancelButton = root.querySelector("#try-cancel");
     this.status = root.querySelector("#try-status");
     this.answersBox = root.querySelector("#try-answers");
+    this.downloads = root.querySelector("#try-downloads");
+    this.downloadList = root.querySelector("#try-download-list");
     this.options = [];
     this.runId = null;
     this.modelsKey = "";
@@ -231,6 +233,7 @@ export class TryItPanel {
     this.locked.hidden = hasToken;
     this.form.hidden = !hasToken;
     this.answersBox.hidden = !hasToken || this.answers.size === 0;
+    this.downloads.hidden = !hasToken;
     const key = JSON.stringify(run.models.map((model) => model.name));
     if (key !== this.modelsKey || run.best !== this.best) {
       this.modelsKey = key;
@@ -249,6 +252,7 @@ export class TryItPanel {
     this.answers.clear();
     this.answersBox.replaceChildren();
     this.answersBox.hidden = true;
+    this.downloadList.replaceChildren();
     this.showError("");
     this.clearErrors();
     this.status.textContent = "";
@@ -283,6 +287,41 @@ export class TryItPanel {
     }
     this.modelsList.replaceChildren(...items);
     this.syncModels();
+    this.drawDownloads(models);
+  }
+
+  /** Per model, links to its export: merged into the base, or the adapter alone. */
+  drawDownloads(models) {
+    const items = models.map((model) => {
+      const item = element("li", "download-item");
+      item.append(element("span", "download-model", model.name));
+      for (const [merge, text] of [
+        [true, "merged"],
+        [false, "adapter"],
+      ]) {
+        const link = element("a", "btn btn-small download-link", text);
+        link.setAttribute("download", "");
+        link.dataset.model = model.name;
+        link.dataset.merge = String(merge);
+        link.setAttribute("aria-label", `Download ${model.name}, ${text}`);
+        link.href = this.exportUrl(model.name, merge);
+        // the token is read when the link is followed: it may have been entered since
+        link.addEventListener("click", () => {
+          link.href = this.exportUrl(model.name, merge);
+        });
+        item.append(link);
+      }
+      return item;
+    });
+    this.downloadList.replaceChildren(...items);
+  }
+
+  /** A link cannot send the Authorization header: the admin token goes as `?token=`. */
+  exportUrl(model, merge) {
+    const query = new URLSearchParams({ model, merge: String(merge) });
+    const token = getToken();
+    if (token) query.set("token", token);
+    return `/api/admin/training/${encodeURIComponent(this.runId)}/export?${query}`;
   }
 
   selectedModels() {

@@ -468,6 +468,7 @@ def test_an_export_streams_as_a_tar_that_loads_and_verifies(
         ("", TOKEN, 400, "model"),
         ("model=tiny-llama&merge=yes", TOKEN, 400, "merge"),
         ("model=tiny-llama", None, 401, None),
+        ("model=tiny-llama&token=wrong", None, 401, None),  # the page's link carries it so
     ],
 )
 def test_export_refusals(

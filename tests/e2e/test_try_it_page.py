@@ -338,3 +338,28 @@ def test_a_refusal_is_shown_beside_the_field_it_names(
     panel.get_by_role("button", name="Generate").click()
     expect(panel.locator("#try-models-error")).to_have_text("Pick at least one model to answer.")
     expect(panel.locator(".answer")).to_have_count(0)
+
+
+def test_a_model_downloads_as_an_export_that_verifies(
+    gateway: GatewayProcess, run_id: str, tab: Page, tmp_path: Path
+) -> None:
+    import tarfile
+
+    from services.core.verify import verify_export_folder
+
+    panel = open_run(tab, gateway, run_id)
+    downloads = panel.locator("#try-downloads")
+    expect(downloads).to_be_visible()
+    link = downloads.get_by_role("link", name=f"Download {MODELS[0]}, merged")
+    with tab.expect_download() as info:
+        link.click()
+    download = info.value
+    assert download.suggested_filename == f"{run_id}-{MODELS[0]}-merged.tar"
+    archive = tmp_path / download.suggested_filename
+    download.save_as(archive)
+    with tarfile.open(archive) as tar:
+        tar.extractall(tmp_path / "out", filter="data")
+    folder = tmp_path / "out" / f"{run_id}-{MODELS[0]}-merged"
+    assert (folder / "README.md").read_text().startswith("---\n")  # the model card
+    report = verify_export_folder(folder)
+    assert report.ok, report.problems
