@@ -255,6 +255,50 @@ def test_unknown_runs_and_missing_tokens_are_refused(suite: dict[str, Any]) -> N
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
+def test_a_run_still_training_is_refused(suite: dict[str, Any]) -> None:
+    stub = suite["stub"]
+    start = training_pb2.StartRunRequest(
+        dataset_id="small", base_models=["tiny-llama"], epochs=50, refresh_interval=0.05
+    )
+    run_id = stub.StartRun(start, metadata=AUTH, timeout=60).run_id
+    try:
+        with pytest.raises(grpc.RpcError) as caught:
+            list(stub.Generate(training_pb2.GenerateRequest(run_id=run_id, prompt="x"),
+                               metadata=AUTH))  # fmt: skip
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "still training" in caught.value.details()
+    finally:
+        stub.StopRun(training_pb2.StopRunRequest(run_id=run_id), metadata=AUTH, timeout=60)
+        deadline = time.monotonic() + 120
+        running = training_pb2.RUN_STATUS_RUNNING
+        while stub.GetRun(training_pb2.GetRunRequest(run_id=run_id)).status == running:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+
+
+def test_chat_messages_go_through_the_tokenizer_s_template(suite: dict[str, Any]) -> None:
+    """The demo tokenizers have no chat template (the service refuses messages for them, see
+    above); with one, the turns are rendered by it and the answer continues the rendering."""
+    from services.api.generate_request import check_generate
+    from services.training.generation import answer, prompt_ids
+
+    trained = load_trained(locate(suite["runs"][0], "tiny-llama"))
+    trained.tokenizer.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    spec = check_generate(
+        {"messages": [{"role": "system", "content": "Be brief."},
+                      {"role": "user", "content": "Add two and two."}], "max_new_tokens": 12}
+    )  # fmt: skip
+    ids = prompt_ids(trained, spec)
+    rendered = "<system>Be brief.\n<user>Add two and two.\n<assistant>"
+    expected = trained.tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    assert ids[0].tolist() == expected
+    result = answer(trained, ids, spec, lambda *_: None)
+    assert result.completion_tokens > 0
+
+
 def test_a_tampered_run_folder_is_refused(suite: dict[str, Any]) -> None:
     run_dir = suite["runs"][1]
     adapter = run_dir / "adapters" / "tiny-llama" / "adapter_model.safetensors"
