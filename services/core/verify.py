@@ -137,12 +137,7 @@ def verify_export_folder(
             f"{EXPORT_MANIFEST_FILE} has format {manifest.get('format')!r}; this oneseek "
             f"verifies {EXPORT_FORMAT}."
         )
-    if not verify_proof_signature(manifest):
-        problems.append(
-            f"{EXPORT_MANIFEST_FILE}: the signature is not valid for its content and "
-            "signer_public_key (the manifest was changed after it was signed)."
-        )
-    _check_signer(EXPORT_MANIFEST_FILE, manifest, trusted_public_key, problems)
+    _check_signature(EXPORT_MANIFEST_FILE, manifest, "manifest", trusted_public_key, problems)
     files = _check_export_files(path, manifest.get("files"), problems)
 
     dna = _read_json_artifact(path / DNA_FILE, problems)
@@ -437,12 +432,24 @@ def _check_proof(
                     f"{PROOF_FILE}: {field} {proof.get(field)!r} differs from {DNA_FILE}'s "
                     f"{dna.get(field)!r}."
                 )
-    if not verify_proof_signature(proof):
+    _check_signature(PROOF_FILE, proof, "proof", trusted_public_key, problems)
+
+
+def _check_signature(
+    name: str,
+    signed: Mapping[str, Any],
+    what: str,
+    trusted_public_key: str | None,
+    problems: list[str],
+) -> None:
+    """The signature of `signed` (a file named `name`) holds, by the trusted key if one is
+    given."""
+    if not verify_proof_signature(signed):
         problems.append(
-            f"{PROOF_FILE}: the signature is not valid for its content and signer_public_key "
-            "(the proof was changed after it was signed)."
+            f"{name}: the signature is not valid for its content and signer_public_key (the "
+            f"{what} was changed after it was signed)."
         )
-    _check_signer(PROOF_FILE, proof, trusted_public_key, problems)
+    _check_signer(name, signed, trusted_public_key, problems)
 
 
 def _check_signer(

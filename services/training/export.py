@@ -37,7 +37,6 @@ from services.core.layout import (
     PROOF_FILE,
 )
 from services.core.ledger import load_signing_key, public_key_b64, signed_payload
-from services.core.verify import verify_run_folder
 from services.training.models import quiet_progress
 from services.training.trained import (
     TrainedSource,
@@ -88,9 +87,9 @@ def export_model(
         merging = source.lora and merge
         device = choose_device(source) if merging and source.four_bit else torch.device("cpu")
         if merging:
-            verify_source(source)  # the base is needed: there, and what was trained on
+            verify_source(source, doing="it is not exported")  # the base too: merged into
         else:
-            _verify_run(source)
+            verify_source(source, needs_base=False, doing="it is not exported")
     staging = _staging(out)
     try:
         if not source.lora:
@@ -163,22 +162,6 @@ def _model_field() -> Iterator[None]:
         if error.field != "models":
             raise
         raise type(error)(error.message, field="model") from error
-
-
-def _verify_run(source: TrainedSource) -> None:
-    """As `verify_source`, for an export that needs no base model: a base model that is not
-    there is fine (the run's certificate still holds its hashes)."""
-    report = verify_run_folder(
-        source.run_dir, models_root=source.models_root, base_models=[source.model]
-    )
-    if not report.ok:
-        shown = " ".join(report.problems[:3])
-        more = f" (and {len(report.problems) - 3} more)" if len(report.problems) > 3 else ""
-        raise Conflict(
-            f"Run {source.run_id} does not verify, so it is not exported: {shown}{more} "
-            "Run `oneseek verify` on the folder for every difference.",
-            field="runId",
-        )
 
 
 def _recorded(source: TrainedSource) -> dict[str, str]:

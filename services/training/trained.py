@@ -146,9 +146,12 @@ def _read_json(path: Path, run_dir: Path) -> dict[str, Any]:
     return data
 
 
-def verify_source(source: TrainedSource) -> None:
-    """Conflict naming what differs when the run folder (its adapters, its files, its base
-    models' weights) is not exactly what was certified."""
+def verify_source(
+    source: TrainedSource, *, needs_base: bool = True, doing: str = "its models are not loaded"
+) -> None:
+    """Conflict naming what differs when the run folder (its adapters, its files, this model's
+    base weights when present) is not exactly what was certified; NotFound when the base is
+    needed (`needs_base`, a LoRA run) and missing."""
     # this model's base only: the others' weights (7B each) are not what is being loaded
     report = verify_run_folder(
         source.run_dir, models_root=source.models_root, base_models=[source.model]
@@ -157,11 +160,12 @@ def verify_source(source: TrainedSource) -> None:
         shown = " ".join(report.problems[:3])
         more = f" (and {len(report.problems) - 3} more)" if len(report.problems) > 3 else ""
         raise Conflict(
-            f"Run {source.run_id} does not verify, so its models are not loaded: {shown}{more} "
+            f"Run {source.run_id} does not verify, so {doing}: {shown}{more} "
             "Run `oneseek verify` on the folder for every difference.",
             field="runId",
         )
-    if source.lora and not source.base_dir.is_dir():  # a full run's weights stand alone
+    # a full run's weights stand alone; a base that is absent is not checked (a note)
+    if needs_base and source.lora and not source.base_dir.is_dir():
         raise NotFound(
             f"Base model {source.model!r} of run {source.run_id} is not in {source.models_root}.",
             field="models",

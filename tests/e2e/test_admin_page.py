@@ -17,6 +17,7 @@ from services.api.codec import event_to_dict, now_timestamp
 from services.api.run_state import RunState, fold
 from services.core.verify import verify_run_folder
 from services.training.run_folder import LOCK_FILE
+from tests.e2e.browser import Problems, launched, require_chromium
 from tests.metrics.sample_run import RUN_ID as SAMPLE_RUN_ID
 from tests.metrics.sample_run import run_events, run_message, three_epochs
 from tests.processes import GatewayProcess, ServiceProcess, workspace_env
@@ -25,8 +26,6 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 OUTPUT = REPO / "test-output"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 TOKEN = "page-test-token"
 MODELS = ("tiny-llama", "tiny-gpt2")
 EPOCHS = 5  # long enough that the gateway restart below lands mid-run
@@ -35,18 +34,13 @@ RUN_ID_RE = re.compile(r"^run-\d{8}-\d{6}(-\d+)?$")
 ARTIFACTS = ("live_metrics.json", "training_results.json", "oneseek_dna.json", "ledger_proof.json")
 RUN_TIMEOUT_MS = 240_000
 
-if not CHROMIUM.exists():
-    if os.environ.get("CI"):
-        pytest.fail(f"{CHROMIUM} is missing: `make browser` installs Debian's chromium")
-    pytest.skip(f"{CHROMIUM} is missing: run `make browser`", allow_module_level=True)
+require_chromium()
 
 from playwright.sync_api import (  # noqa: E402 - only once chromium is known to be there
     Browser,
-    ConsoleMessage,
     Page,
     Route,
     expect,
-    sync_playwright,
 )
 
 
@@ -75,33 +69,16 @@ def gateway(
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+    with launched() as browser:
         yield browser
-        browser.close()
-
-
-class Problems:
-    """Script errors and CSP refusals seen by the page: any of them fails the test."""
-
-    def __init__(self, page: Page) -> None:
-        self.seen: list[str] = []
-        page.on("pageerror", lambda error: self.seen.append(f"page error: {error}"))
-        page.on("console", self.console)
-
-    def console(self, message: ConsoleMessage) -> None:
-        text = message.text
-        # expected: the 4xx the test asks for, and refused connections while the gateway restarts
-        expected = ("Failed to load resource", "WebSocket connection to")
-        if message.type == "error" and not text.startswith(expected):
-            self.seen.append(f"console: {text}")
 
 
 @pytest.fixture
 def page(browser: Browser) -> Iterator[tuple[Page, Problems]]:
     context = browser.new_context(viewport={"width": 1280, "height": 800})
     page = context.new_page()
-    problems = Problems(page)
+    # expected: the 4xx the test asks for, and refused connections while the gateway restarts
+    problems = Problems(page, ("Failed to load resource", "WebSocket connection to"))
     yield page, problems
     context.close()
     assert problems.seen == []

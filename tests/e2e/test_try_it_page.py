@@ -5,7 +5,6 @@ their streamed answers checked against the same request to POST …/generate mad
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 import urllib.error
@@ -16,32 +15,26 @@ from typing import Any
 
 import pytest
 
+from tests.e2e.browser import Problems, launched, require_chromium
 from tests.processes import GatewayProcess, ServiceProcess, workspace_env
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 OUTPUT = REPO / "test-output"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 TOKEN = "try-it-test-token"
 MODELS = ("tiny-llama", "tiny-gpt2")
 PROMPT = "What is the capital of"
 FINISHED = ("completed", "auto_stopped", "stopped")
 ANSWER_TIMEOUT_MS = 120_000
 
-if not CHROMIUM.exists():
-    if os.environ.get("CI"):
-        pytest.fail(f"{CHROMIUM} is missing: `make browser` installs Debian's chromium")
-    pytest.skip(f"{CHROMIUM} is missing: run `make browser`", allow_module_level=True)
+require_chromium()
 
 from playwright.sync_api import (  # noqa: E402 - only once chromium is known to be there
     Browser,
-    ConsoleMessage,
     Locator,
     Page,
     expect,
-    sync_playwright,
 )
 
 
@@ -116,24 +109,8 @@ def run_id(gateway: GatewayProcess) -> str:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+    with launched() as browser:
         yield browser
-        browser.close()
-
-
-class Problems:
-    """Script errors seen by the page: any of them fails the test."""
-
-    def __init__(self, page: Page) -> None:
-        self.seen: list[str] = []
-        page.on("pageerror", lambda error: self.seen.append(f"page error: {error}"))
-        page.on("console", self.console)
-
-    def console(self, message: ConsoleMessage) -> None:
-        # expected: the browser's own line for the 400 the test asks for
-        if message.type == "error" and not message.text.startswith("Failed to load resource"):
-            self.seen.append(f"console: {message.text}")
 
 
 @pytest.fixture
