@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install --quiet torch==2.13.0
-	$(PYTHON) -m pip install --quiet -e '.[dev,ray]'
+	$(PYTHON) -m pip install --quiet -e '.[dev,ray,mlflow]'
 	touch $(STAMP)
 
 # The browser test drives Debian's chromium through Playwright (never `playwright install`);
