@@ -350,6 +350,14 @@ def _tls_client_flag(parser: argparse.ArgumentParser, whom: str) -> None:
     )
 
 
+def _metrics_port_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve Prometheus metrics at http://127.0.0.1:PORT/metrics (default: not served)",
+    )
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -477,6 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
         "$ONESEEK_GENERATE_CACHE_GIB, else half of this machine's memory)",
     )
     _tls_server_flags(training)
+    _metrics_port_flag(training)
     training.add_argument(
         "--shutdown-grace",
         type=float,
@@ -495,6 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _tls_server_flags(metrics)
     _tls_client_flag(metrics, "the training service")
+    _metrics_port_flag(metrics)
     metrics.set_defaults(func=_lazy("services.metrics.server"))
 
     gateway = sub.add_parser("gateway", help="serve the REST routes, websocket and admin page")

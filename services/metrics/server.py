@@ -40,6 +40,7 @@ from services.api.runtime import (
     stop_signals,
     training_addr,
 )
+from services.api.telemetry import Readings, ServerMetrics, process_registry, serve_metrics
 from services.core.errors import InvalidInput, NotFound, OneSeekError, TooSlow
 from services.core.training_config import validate_run_id
 from services.metrics.catalog import PAGE_SIZE, RunCatalog
@@ -198,6 +199,7 @@ class MetricsServer:
         self.db_url = db_url
         self.queue_size = queue_size
         self.follow = follow
+        self.registry = process_registry()
         self.port = 0
         self.store: MetricsStore | None = None
         self.catalog: RunCatalog | None = None
@@ -224,7 +226,16 @@ class MetricsServer:
                     for method in (REPORT_METHOD, REPORT_BATCH_METHOD)
                 }
             )
-            self._server = aio.server(interceptors=[interceptor], options=SERVER_OPTIONS)
+            self._server = aio.server(
+                interceptors=[ServerMetrics(self.registry), interceptor], options=SERVER_OPTIONS
+            )
+            readings = Readings(self.registry)
+            follower = self.follower
+            readings.counter(
+                "oneseek_metrics_followed_events",
+                "Training events followed and stored (the committed cursor).",
+                lambda: follower.cursor,
+            )
             metrics_pb2_grpc.add_MetricsServiceServicer_to_server(
                 MetricsServicer(self.catalog), self._server
             )
@@ -274,16 +285,23 @@ async def serve(
     *,
     tls: ServerTls | None = None,
     training_ca: bytes | None = None,
+    metrics_port: int | None = None,
 ) -> None:
-    """Runs the metrics service until SIGTERM or SIGINT, then stops it gracefully."""
+    """Runs the metrics service until SIGTERM or SIGINT, then stops it gracefully; with
+    `metrics_port`, serves its Prometheus metrics there."""
     server = MetricsServer(addr, training_addr, db_url, tls=tls, training_ca=training_ca)
+    stop_metrics = None
     async with stop_signals() as stop:
         try:
             await server.start()
+            if metrics_port is not None:
+                stop_metrics = serve_metrics(metrics_port, server.registry)
             await stop.wait()
             log.info("shutting down on signal")
         finally:
             await server.stop()
+            if stop_metrics is not None:
+                stop_metrics()
 
 
 # ---- command line ---------------------------------------------------------------------------
@@ -302,6 +320,7 @@ def run(args: argparse.Namespace) -> int:
                 args.db_url or default_db_url(),
                 tls=tls,
                 training_ca=training_ca,
+                metrics_port=getattr(args, "metrics_port", None),
             )
         )
     except InvalidInput as error:

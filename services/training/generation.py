@@ -418,6 +418,11 @@ class Generator:
         self._active = 0
         self._cancels: set[threading.Event] = set()
 
+    @property
+    def active(self) -> int:
+        """Generations answering now."""
+        return self._active
+
     async def stream(
         self, run_dir: Path, models: Sequence[str], spec: GenerateSpec
     ) -> AsyncIterator[training_pb2.GenerateEvent]:

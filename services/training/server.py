@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from grpc import aio
+from prometheus_client import CollectorRegistry
 
 from services.api import training_pb2, training_pb2_grpc
 from services.api.generate_request import read_generate_request
@@ -32,6 +33,7 @@ from services.api.runtime import (
     stop_signals,
     training_addr,
 )
+from services.api.telemetry import Readings, ServerMetrics, process_registry, serve_metrics
 from services.core.layout import datasets_dir, models_dir, state_dir
 from services.training.data import list_datasets
 from services.training.executors import ExecutorSettings
@@ -153,6 +155,7 @@ async def serve(
     tls: ServerTls | None = None,
     executor: ExecutorSettings | None = None,
     generate_cache_bytes: int | None = None,
+    metrics_port: int | None = None,
 ) -> None:
     service = TrainingService(
         models_root=models_root,
@@ -164,9 +167,14 @@ async def serve(
     )
     service.load()
     prefix = f"/{SERVICE_NAME}/"
+    registry = process_registry()
+    _readings(service, registry)
     server = aio.server(
         options=SERVER_OPTIONS,
-        interceptors=[TokenAuthInterceptor({prefix + m: lambda: [admin_token()] for m in _ADMIN})],
+        interceptors=[
+            ServerMetrics(registry),  # first: it times the token check's refusals too
+            TokenAuthInterceptor({prefix + m: lambda: [admin_token()] for m in _ADMIN}),
+        ],
     )
     training_pb2_grpc.add_TrainingServiceServicer_to_server(TrainingServicer(service), server)
     health = await add_health_and_reflection(server, [SERVICE_NAME])
@@ -179,6 +187,7 @@ async def serve(
     )
     if ready is not None:
         ready(port)
+    stop_metrics = serve_metrics(metrics_port, registry) if metrics_port is not None else None
 
     async with stop_signals() as stop:
         try:
@@ -188,6 +197,8 @@ async def serve(
             await health.enter_graceful_shutdown()
             await service.shutdown(grace=shutdown_grace)
             await server.stop(grace=5)
+            if stop_metrics is not None:
+                stop_metrics()
             log.info("training service stopped")
 
 
@@ -209,9 +220,32 @@ def run(args: argparse.Namespace) -> int:
                 max_member_restarts=args.max_member_restarts,
             ),
             generate_cache_bytes=_gib(args.generate_cache_gib),
+            metrics_port=args.metrics_port,
         )
     )
     return 0
+
+
+def _readings(service: TrainingService, registry: CollectorRegistry) -> None:
+    readings = Readings(registry)
+    readings.gauge(
+        "oneseek_training_active_runs", "Runs training now.", lambda: len(service.active())
+    )
+    readings.counter(
+        "oneseek_training_events",
+        "Run events this service has journaled (its global cursor; kept across restarts).",
+        lambda: len(service.hub.journal.entries),
+    )
+    readings.gauge(
+        "oneseek_training_generations",
+        "Generations answering now.",
+        lambda: service.generator.active,
+    )
+    readings.gauge(
+        "oneseek_training_generate_cache_bytes",
+        "Bytes of models loaded for Generate.",
+        lambda: service.generator.cache.held,
+    )
 
 
 def _gib(value: float | None) -> int | None:
