@@ -21,6 +21,7 @@ from gateway.page import security_headers, static_routes
 from gateway.reports import ReportBatcher
 from gateway.routes import Routes
 from gateway.settings import GatewaySettings
+from gateway.telemetry import GatewayMetrics
 from gateway.upstream import Upstream
 from services.api import metrics_pb2
 
@@ -42,12 +43,14 @@ class AccessLog(AbstractAccessLogger):
 def create_app(settings: GatewaySettings, *, tls_ca: bytes | None = None) -> web.Application:
     """`tls_ca`: the CA bundle the services' TLS certificates chain to (default
     $ONESEEK_TLS_CA; neither: plaintext gRPC)."""
+    telemetry = GatewayMetrics()
     app = web.Application(
         client_max_size=settings.max_body_bytes,
-        middlewares=[error_middleware(settings.max_body_bytes)],
+        # the timer outermost: it sees the status the error envelope was answered with
+        middlewares=[telemetry.middleware, error_middleware(settings.max_body_bytes)],
     )
-    upstream = Upstream(settings, tls_ca=tls_ca)
-    feeds = RunFeeds(upstream, settings)
+    upstream = Upstream(settings, tls_ca=tls_ca, timers=telemetry.client_timers)
+    feeds = RunFeeds(upstream, settings, on_event=telemetry.events.inc)
 
     async def send_reports(
         reports: Sequence[metrics_pb2.ReportMetricsRequest],
@@ -83,6 +86,6 @@ def create_app(settings: GatewaySettings, *, tls_ca: bytes | None = None) -> web
     app.on_response_prepare.append(security_headers)
 
     document = encode(build_document())
-    app.add_routes(Routes(settings, upstream, feeds, reports, document).table())
+    app.add_routes(Routes(settings, upstream, feeds, reports, document, telemetry).table())
     app.add_routes(static_routes(settings.static_dir))
     return app

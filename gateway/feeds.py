@@ -19,6 +19,7 @@ import asyncio
 import bisect
 import logging
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 import grpc
@@ -95,8 +96,15 @@ def error_message(run_id: str | None, code: str, message: str) -> bytes:
 class RunFeed:
     """One run's events, its folded state, and the clients following it."""
 
-    def __init__(self, run_id: str, upstream: Upstream, settings: GatewaySettings) -> None:
+    def __init__(
+        self,
+        run_id: str,
+        upstream: Upstream,
+        settings: GatewaySettings,
+        on_event: Callable[[], None] = lambda: None,
+    ) -> None:
         self.run_id = run_id
+        self.on_event = on_event
         self.upstream = upstream
         self.settings = settings
         self.state: RunState | None = None
@@ -252,6 +260,7 @@ class RunFeed:
             )
         if not self.state.apply(event):
             return  # already folded (a re-subscription's replay overlaps)
+        self.on_event()
         frame = text_frame(encode(event_to_dict(event)))  # once, for every client
         self._seqs.append(event.seq)
         self._frames.append(frame)
@@ -332,9 +341,16 @@ class RunFeed:
 class RunFeeds:
     """run id -> its feed; the owner of every feed task and of the heartbeat."""
 
-    def __init__(self, upstream: Upstream, settings: GatewaySettings) -> None:
+    def __init__(
+        self,
+        upstream: Upstream,
+        settings: GatewaySettings,
+        on_event: Callable[[], None] = lambda: None,
+    ) -> None:
         self.upstream = upstream
         self.settings = settings
+        self.on_event = on_event
+        """Called once for each new event any feed receives (the gateway's event counter)."""
         self.feeds: dict[str, RunFeed] = {}
         self.closed = False
         self._ticker: asyncio.Task[None] | None = None
@@ -349,7 +365,7 @@ class RunFeeds:
             raise GatewayClosing(_CLOSING)
         feed = self.feeds.get(run_id)
         if feed is None or feed.failed:
-            feed = self.feeds[run_id] = RunFeed(run_id, self.upstream, self.settings)
+            feed = self.feeds[run_id] = RunFeed(run_id, self.upstream, self.settings, self.on_event)
         try:
             await feed.ready(self.settings.ready_timeout)
         except FeedError:
@@ -369,7 +385,7 @@ class RunFeeds:
             return None
         feed = self.feeds.get(run_id)
         if feed is None or feed.failed:
-            feed = self.feeds[run_id] = RunFeed(run_id, self.upstream, self.settings)
+            feed = self.feeds[run_id] = RunFeed(run_id, self.upstream, self.settings, self.on_event)
         if not feed.subscribers:
             feed.idle_since = time.monotonic()  # a polled feed is not idle
         if feed.caught_up:  # the common case: no future, no timer per GET

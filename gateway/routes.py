@@ -22,6 +22,7 @@ from gateway.generate import SSE_TYPE, TAR_TYPE, ClientSlots, relay_export, rela
 from gateway.page import index_page
 from gateway.reports import ReportBatcher
 from gateway.settings import GatewaySettings
+from gateway.telemetry import GatewayMetrics
 from gateway.upstream import Upstream
 from gateway.websocket import training_feed
 from services.api import metrics_pb2, training_pb2
@@ -92,8 +93,10 @@ class Routes:
         feeds: RunFeeds,
         reports: ReportBatcher,
         document: bytes,
+        telemetry: GatewayMetrics,
     ) -> None:
         self.settings = settings
+        self.telemetry = telemetry
         self.upstream = upstream
         self.feeds = feeds
         self.reports = reports
@@ -322,6 +325,10 @@ class Routes:
     async def page(self, request: web.Request) -> web.StreamResponse:
         return await index_page(request, self.settings.static_dir)
 
+    async def prometheus(self, request: web.Request) -> web.StreamResponse:
+        await self.telemetry.refresh_runs(self.upstream, self.settings.health_timeout)
+        return self.telemetry.exposition()
+
     async def openapi(self, request: web.Request) -> web.StreamResponse:
         return web.Response(body=self.document, content_type=JSON_TYPE)
 
@@ -404,6 +411,11 @@ ROUTES = (
           "Gateway liveness, and whether both services answer.",
           (Answer("Health", "Both services answer."),
            Answer("Health", "A service does not answer.", 503))),
+    Route("GET", "/metrics", Routes.prometheus, Access.READ,
+          "Prometheus metrics of the gateway: HTTP and websocket counts and latencies, events "
+          "received, gRPC call latencies to both services, active runs and each one's current "
+          "epoch and population loss.",
+          (Answer(None, "The Prometheus text format.", media="text/plain"),), errors=(401, 403)),
     Route("GET", "/api/openapi.json", Routes.openapi, Access.OPEN, "This document.",
           (Answer(None, "OpenAPI 3.1"),)),
     Route("GET", "/", Routes.page, Access.OPEN, "The admin page.",

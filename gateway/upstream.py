@@ -17,6 +17,7 @@ from gateway.errors import from_rpc
 from gateway.settings import GatewaySettings
 from services.api import metrics_pb2_grpc, training_pb2_grpc
 from services.api.runtime import bearer, client_channel, client_tls_ca
+from services.api.telemetry import ClientTimers
 
 Reply = TypeVar("Reply")
 Reply_co = TypeVar("Reply_co", covariant=True)
@@ -32,12 +33,18 @@ class Service:
     """One service's channel, and calls on it that fail as ApiError."""
 
     def __init__(
-        self, name: str, addr: str, timeout: float, root_certificates: bytes | None = None
+        self,
+        name: str,
+        addr: str,
+        timeout: float,
+        root_certificates: bytes | None = None,
+        timers: ClientTimers | None = None,
     ) -> None:
         self.name = name
         self.addr = addr
         self.timeout = timeout
-        self.channel = client_channel(addr, root_certificates)
+        interceptors = [timers.for_service(name)] if timers is not None else None
+        self.channel = client_channel(addr, root_certificates, interceptors=interceptors)
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
     async def call(
@@ -73,8 +80,16 @@ class Upstream:
     training_stub: training_pb2_grpc.TrainingServiceAsyncStub
     metrics_stub: metrics_pb2_grpc.MetricsServiceAsyncStub
 
-    def __init__(self, settings: GatewaySettings, *, tls_ca: bytes | None = None) -> None:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        *,
+        tls_ca: bytes | None = None,
+        timers: ClientTimers | None = None,
+    ) -> None:
         self.settings = settings
+        self.timers = timers
+        """Times every unary call to both services (GET /metrics), when given."""
         # the services' CA (TLS) from ONESEEK_TLS_CA unless given; None: plaintext
         self.tls_ca = tls_ca if tls_ca is not None else client_tls_ca()
         self._training: Service | None = None
@@ -83,10 +98,14 @@ class Upstream:
     def open(self) -> None:
         settings = self.settings
         self._training = Service(
-            "training service", settings.training_addr, settings.rpc_timeout, self.tls_ca
+            "training service",
+            settings.training_addr,
+            settings.rpc_timeout,
+            self.tls_ca,
+            self.timers,
         )
         self._metrics = Service(
-            "metrics service", settings.metrics_addr, settings.rpc_timeout, self.tls_ca
+            "metrics service", settings.metrics_addr, settings.rpc_timeout, self.tls_ca, self.timers
         )
         self.training_stub = training_pb2_grpc.TrainingServiceStub(self._training.channel)
         self.metrics_stub = metrics_pb2_grpc.MetricsServiceStub(self._metrics.channel)

@@ -24,7 +24,7 @@ import inspect
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
@@ -152,12 +152,14 @@ def client_channel(
     addr: str,
     root_certificates: bytes | None = None,
     options: list[tuple[str, Any]] | None = None,
+    interceptors: Sequence[Any] | None = None,
 ) -> aio.Channel:
     """An asyncio channel to `addr`: TLS trusting `root_certificates` when given."""
     opts = CHANNEL_OPTIONS if options is None else options
     if root_certificates is None:
-        return aio.insecure_channel(addr, options=opts)
-    return aio.secure_channel(addr, channel_credentials(root_certificates), options=opts)
+        return aio.insecure_channel(addr, options=opts, interceptors=interceptors)
+    credentials = channel_credentials(root_certificates)
+    return aio.secure_channel(addr, credentials, options=opts, interceptors=interceptors)
 
 
 def blocking_channel(addr: str, root_certificates: bytes | None = None) -> grpc.Channel:
