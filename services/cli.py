@@ -505,6 +505,15 @@ def build_parser() -> argparse.ArgumentParser:
     _tls_server_flags(metrics)
     _tls_client_flag(metrics, "the training service")
     _metrics_port_flag(metrics)
+    metrics.add_argument(
+        "--mlflow-tracking-uri",
+        help="mirror every run into this MLflow server, e.g. http://127.0.0.1:5000 "
+        "(default $MLFLOW_TRACKING_URI; unset: no mirror)",
+    )
+    metrics.add_argument(
+        "--mlflow-experiment",
+        help="the MLflow experiment runs go to (default $MLFLOW_EXPERIMENT_NAME or oneseek)",
+    )
     metrics.set_defaults(func=_lazy("services.metrics.server"))
 
     gateway = sub.add_parser("gateway", help="serve the REST routes, websocket and admin page")

@@ -46,6 +46,9 @@ class RunCatalog:
         self._states: dict[str, RunState] = {}
         self._published: dict[str, int] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self.listeners: list[Callable[[], None]] = []
+        """Called (with no argument, on the event loop) after every write that stored something,
+        e.g. to wake the MLflow mirror, which then reads the store. Must never wait."""
 
     async def load(self) -> None:
         """Learns which runs exist (their states are loaded when first asked for)."""
@@ -113,6 +116,7 @@ class RunCatalog:
         await self.store.append_events([], runs=records)
         for record in records:
             self._sources.setdefault(record.run_id, record.source)
+        self._stored()
 
     async def events_after(self, run_id: str, after_seq: int) -> list[training_pb2.TrainingEvent]:
         """One page (at most PAGE_SIZE) of the run's stored events with seq > after_seq."""
@@ -151,7 +155,13 @@ class RunCatalog:
             self._sources.setdefault(event.run_id, SOURCE_TRAINING)
             event.ClearField("cursor")  # a position in the training service's stream only
             self._publish(event)
+        if inserted or new_runs:
+            self._stored()
         return inserted
+
+    def _stored(self) -> None:
+        for listener in self.listeners:
+            listener()
 
     def _publish(self, event: training_pb2.TrainingEvent) -> None:
         """Folds and fans out one stored event (synchronously: no await between the two, so a
@@ -216,6 +226,7 @@ class RunCatalog:
                 log.info("outside run created run_id=%s", run_id)
             for event in plan.events:
                 self._publish(event)
+            self._stored()
             return plan.seq
 
     def _refuse_training_run(self, run_id: str) -> None:

@@ -93,6 +93,20 @@ class RunRecord:
         return summary
 
 
+@dataclass(frozen=True)
+class MirrorPosition:
+    """How far one run has been mirrored into an outside tracker (a row of `mirror_positions`)."""
+
+    run_id: str
+    external_id: str
+    """The run's id in the tracker (an MLflow run id)."""
+    seq: int = 0
+    """The last of the run's events the tracker has taken."""
+    status: str = "RUNNING"
+    """The run's status as last set in the tracker, in its words (MLflow: RUNNING, FINISHED,
+    FAILED, KILLED)."""
+
+
 def record_from_run(run: training_pb2.Run) -> RunRecord:
     """The row of a training-service run, from its GetRun answer (config and models only:
     the summary columns are then moved by its events)."""

@@ -3,7 +3,8 @@ its start and graceful stop, and the command line.
 
 Shutdown (SIGTERM or SIGINT): health turns NOT_SERVING, the follower is cancelled, open
 Subscribe streams end cleanly (clients resume with after_seq elsewhere or later), in-flight
-calls get 5 s to finish, then the store is closed.
+calls get 5 s to finish, then the MLflow mirror (when on) stops, its position kept in the store,
+and the store is closed.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from services.core.training_config import validate_run_id
 from services.metrics.catalog import PAGE_SIZE, RunCatalog
 from services.metrics.fanout import DEFAULT_QUEUE_SIZE, EventFanout, SubscriberTooSlow
 from services.metrics.follower import TrainingFollower
+from services.metrics.mlflow_mirror import MirrorConfig, MlflowMirror, mirror_config
 from services.metrics.store import MetricsStore, default_db_url, open_store
 
 log = logging.getLogger("oneseek.metrics")
@@ -190,6 +192,7 @@ class MetricsServer:
         follow: bool = True,
         tls: ServerTls | None = None,
         training_ca: bytes | None = None,
+        mirror: MirrorConfig | None = None,
     ) -> None:
         self.addr = addr
         self.tls = tls
@@ -207,6 +210,9 @@ class MetricsServer:
         self._server: aio.Server | None = None
         self._health: Any = None
         self._follow_task: asyncio.Task[None] | None = None
+        self.mirror_config = mirror
+        """Where to mirror runs in MLflow (None: not mirrored)."""
+        self.mirror: MlflowMirror | None = None
 
     async def start(self) -> int:
         """Opens the store, binds, starts serving and following; returns the bound port."""
@@ -245,6 +251,10 @@ class MetricsServer:
         except BaseException:
             await self.stop()
             raise
+        if self.mirror_config is not None:
+            self.mirror = MlflowMirror(self.store, self.mirror_config)
+            self.catalog.listeners.append(self.mirror.notify)
+            self.mirror.start()
         if self.follow:
             self._follow_task = asyncio.create_task(self.follower.run(), name="metrics-follower")
         log.info(
@@ -272,6 +282,9 @@ class MetricsServer:
         if self.follower is not None:
             await self.follower.close()
             self.follower = None
+        if self.mirror is not None:
+            await self.mirror.stop()
+            self.mirror = None
         if self.store is not None:
             await self.store.close()
             self.store = None
@@ -286,10 +299,13 @@ async def serve(
     tls: ServerTls | None = None,
     training_ca: bytes | None = None,
     metrics_port: int | None = None,
+    mirror: MirrorConfig | None = None,
 ) -> None:
     """Runs the metrics service until SIGTERM or SIGINT, then stops it gracefully; with
     `metrics_port`, serves its Prometheus metrics there."""
-    server = MetricsServer(addr, training_addr, db_url, tls=tls, training_ca=training_ca)
+    server = MetricsServer(
+        addr, training_addr, db_url, tls=tls, training_ca=training_ca, mirror=mirror
+    )
     stop_metrics = None
     async with stop_signals() as stop:
         try:
@@ -321,6 +337,10 @@ def run(args: argparse.Namespace) -> int:
                 tls=tls,
                 training_ca=training_ca,
                 metrics_port=getattr(args, "metrics_port", None),
+                mirror=mirror_config(
+                    getattr(args, "mlflow_tracking_uri", None),
+                    getattr(args, "mlflow_experiment", None),
+                ),
             )
         )
     except InvalidInput as error:

@@ -19,7 +19,7 @@ from services.api import training_pb2
 from services.api.codec import event_from_dict, event_to_dict
 from services.api.run_state import summary_changes
 from services.core.errors import InvalidInput
-from services.metrics.records import SOURCE_TRAINING, RunRecord
+from services.metrics.records import SOURCE_TRAINING, MirrorPosition, RunRecord
 
 T = TypeVar("T")
 
@@ -54,6 +54,14 @@ CREATE TABLE IF NOT EXISTS follower_cursor (
     id     INTEGER PRIMARY KEY CHECK (id = 1),
     cursor INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS mirror_positions (
+    target      TEXT NOT NULL,
+    run_id      TEXT NOT NULL,
+    external_id TEXT NOT NULL,
+    seq         INTEGER NOT NULL,
+    status      TEXT NOT NULL,
+    PRIMARY KEY (target, run_id)
+) WITHOUT ROWID;
 """
 _RUN_COLUMNS = (
     "run_id, source, status, dataset_id, base_models, config, models, created_at, updated_at, "
@@ -217,6 +225,44 @@ class SQLiteStore:
             return 0 if row is None else int(row[0])
 
         return await self._call(read)
+
+    # ---- mirrors (services/metrics/mlflow_mirror.py) ------------------------------------------
+
+    async def mirror_backlog(self, target: str) -> list[tuple[RunRecord, MirrorPosition | None]]:
+        def read(db: sqlite3.Connection) -> list[tuple[RunRecord, MirrorPosition | None]]:
+            columns = ", ".join(f"r.{name.strip()}" for name in _RUN_COLUMNS.split(","))
+            rows = db.execute(
+                f"SELECT {columns}, m.external_id, m.seq, m.status FROM runs r "
+                "LEFT JOIN mirror_positions m ON m.target = ? AND m.run_id = r.run_id "
+                "WHERE m.run_id IS NULL OR r.last_seq > m.seq "
+                "ORDER BY r.created_at, r.run_id",
+                (target,),
+            ).fetchall()
+            backlog = []
+            for row in rows:
+                record = _record(row[:-3])
+                external_id, seq, status = row[-3:]
+                position = (
+                    None
+                    if external_id is None
+                    else MirrorPosition(record.run_id, external_id, seq, status)
+                )
+                backlog.append((record, position))
+            return backlog
+
+        return await self._call(read)
+
+    async def save_mirror_position(self, target: str, position: MirrorPosition) -> None:
+        def write(db: sqlite3.Connection) -> None:
+            db.execute(
+                "INSERT INTO mirror_positions (target, run_id, external_id, seq, status) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (target, run_id) DO UPDATE SET "
+                "external_id = excluded.external_id, seq = excluded.seq, "
+                "status = excluded.status",
+                (target, position.run_id, position.external_id, position.seq, position.status),
+            )
+
+        await self._call(write)
 
 
 # ---- what runs on the database thread -------------------------------------------------------

@@ -14,7 +14,7 @@ from typing import Protocol
 from services.api import training_pb2
 from services.core.errors import InvalidInput
 from services.core.layout import state_dir
-from services.metrics.records import RunRecord
+from services.metrics.records import MirrorPosition, RunRecord
 from services.metrics.sqlite_store import SQLiteStore, sqlite_path
 
 __all__ = ["MetricsStore", "SQLiteStore", "default_db_url", "open_store", "sqlite_path"]
@@ -51,6 +51,15 @@ class MetricsStore(Protocol):
 
     async def cursor(self) -> int:
         """The follower's position in the training service's global stream (0 at first)."""
+        ...
+
+    async def mirror_backlog(self, target: str) -> list[tuple[RunRecord, MirrorPosition | None]]:
+        """Runs with events the outside tracker `target` has not taken yet, oldest first, each
+        with its position there (None: never mirrored into `target`)."""
+        ...
+
+    async def save_mirror_position(self, target: str, position: MirrorPosition) -> None:
+        """Records how far `position.run_id` has been mirrored into `target`."""
         ...
 
     async def close(self) -> None: ...
