@@ -139,9 +139,13 @@ def build_dna(
     run_dir: Path,
     final_weights: dict[str, float],
     training_config: dict[str, Any],
+    model_signing: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Hash the run folder's adapters and artifacts and compose the DNA document.
 
+    `model_signing`: the OpenSSF model-signing files (run folder path -> sha256: each adapter's
+    signature and the public key), recorded so the proof covers them; they are left out of the
+    `dna` string, which says what was trained (ECDSA signatures differ on every signing).
     The values are passed through JSON first, so the hashes are computed over exactly what
     a reader of `oneseek_dna.json` gets back.
     """
@@ -184,6 +188,8 @@ def build_dna(
         "final_weights": _as_json(final_weights, "final_weights"),
         "training_config": _as_json(training_config, "training_config"),
     }
+    if model_signing is not None:
+        doc["model_signing"] = dict(sorted(model_signing.items()))
     doc["dna"] = compute_dna_string(doc)
     doc["immutable_hash"] = compute_immutable_hash(doc)
     return doc

@@ -20,14 +20,26 @@ DNA_FILE = "oneseek_dna.json"
 PROOF_FILE = "ledger_proof.json"
 ADAPTERS_DIR = "adapters"
 CHECKPOINTS_DIR = "checkpoints"
+TENSORBOARD_DIR = "tensorboard"
+"""TensorBoard event files: `models/<model>/` per model and `population/` (a log, like
+events.jsonl: outside the certificate, rebuilt from events.jsonl when a run resumes)."""
+MODEL_SIGNATURES_DIR = "model_signatures"
+"""`<model>.sig`: each adapter folder's OpenSSF model-signing signature (covered by the DNA)."""
+MODEL_SIGNING_PUBLIC_KEY_FILE = "model_signing_public_key.pem"
+"""The EC public key (PEM) those signatures verify with (covered by the DNA)."""
 
 ARTIFACTS = (LIVE_METRICS_FILE, RESULTS_FILE, DNA_FILE, PROOF_FILE)
 """The run folder's JSON files a client may fetch (GetArtifact, GET …/artifacts/{name})."""
+LOGS = (MANIFEST_FILE, EVENTS_FILE, TENSORBOARD_DIR)
+"""What a run folder holds beside its certificate: records of the run, never certified."""
 
 # ---- inside an exported model folder (`oneseek export`) ---------------------------------------
 EXPORT_MANIFEST_FILE = "oneseek_export.json"
 EXPORT_FORMAT = "oneseek-export-v1"
 """The manifest's `format`: what `oneseek verify` knows how to check."""
+EXPORT_SIGNATURE_FILE = "model.sig"
+"""The export folder's OpenSSF model-signing signature (the stock command's default name); it
+signs every file but itself and the manifest, which lists it and the public key in turn."""
 
 
 def models_dir(given: str | Path | None = None) -> Path:

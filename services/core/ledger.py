@@ -7,12 +7,10 @@ recorded next to it and never fails a run.
 from __future__ import annotations
 
 import base64
-import binascii
 import contextlib
 import http.client
 import json
 import os
-import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -29,9 +27,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-from services.core.atomic import canonical_json, fsync_dir, write_json_atomic
-from services.core.errors import InvalidInput
-from services.core.layout import PROOF_FILE, state_dir
+from services.core.atomic import canonical_json, write_json_atomic
+from services.core.keys import KeySpec
+from services.core.layout import PROOF_FILE
 
 PROOF_EVENT = "dna_v2_training_completed"
 ALGORITHM = "ed25519"
@@ -43,8 +41,20 @@ UNSIGNED_FIELDS = ("signature", "ledger")
 _MAX_BODY = 1 << 20
 
 
+LEDGER_KEY = KeySpec(
+    env=KEY_PATH_ENV,
+    filename="ed25519_private_key.pem",
+    kind="an Ed25519 key",
+    signer="the ledger signer",
+    why="proofs are signed with Ed25519",
+    make="openssl genpkey -algorithm ed25519",
+    generate=lambda: Ed25519PrivateKey.generate(),
+    accepts=lambda key: isinstance(key, Ed25519PrivateKey),
+)
+
+
 def default_key_path() -> Path:
-    return state_dir() / "ledger" / "ed25519_private_key.pem"
+    return LEDGER_KEY.default_path()
 
 
 def load_signing_key(path: Path | None = None) -> Ed25519PrivateKey:
@@ -52,12 +62,9 @@ def load_signing_key(path: Path | None = None) -> Ed25519PrivateKey:
 
     A key that was named must exist; only the default local key is ever created.
     """
-    if path is not None:
-        return _read_key(Path(path), field="path")
-    named = os.environ.get(KEY_PATH_ENV)
-    if named:
-        return _read_key(Path(named), field=KEY_PATH_ENV)
-    return _load_or_create_default_key(default_key_path())
+    key, _ = LEDGER_KEY.load(path)
+    assert isinstance(key, Ed25519PrivateKey)  # LEDGER_KEY accepts nothing else
+    return key
 
 
 def public_key_b64(key: Ed25519PrivateKey | Ed25519PublicKey) -> str:
@@ -195,90 +202,6 @@ def write_ledger_proof(
         proof["ledger"] = post_to_ledger(proof, url.strip())
     write_json_atomic(Path(run_dir) / PROOF_FILE, proof)
     return proof
-
-
-def _read_key(path: Path, *, field: str) -> Ed25519PrivateKey:
-    try:
-        pem = path.read_bytes()
-    except FileNotFoundError:
-        raise InvalidInput(
-            f"{field} names {path}, which does not exist; point it at an Ed25519 private key "
-            f"in PEM form, or unset {KEY_PATH_ENV} to use the local key in "
-            f"{default_key_path().parent}.",
-            field=field,
-        ) from None
-    except OSError as error:
-        raise InvalidInput(
-            f"{field} names {path}, which cannot be read ({error.strerror}).", field=field
-        ) from None
-    try:
-        key = serialization.load_pem_private_key(pem, password=None)
-    except TypeError:
-        raise InvalidInput(
-            f"{path} is an encrypted key; the ledger signer needs an unencrypted PEM "
-            "(keep it readable only by its owner, mode 0600).",
-            field=field,
-        ) from None
-    except (ValueError, binascii.Error):
-        raise InvalidInput(
-            f"{path} is not a PEM private key; expected an Ed25519 key "
-            "(openssl genpkey -algorithm ed25519).",
-            field=field,
-        ) from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise InvalidInput(
-            f"{path} holds a {type(key).__name__.lstrip('_')}, not an Ed25519 key; proofs are "
-            "signed with Ed25519 (openssl genpkey -algorithm ed25519).",
-            field=field,
-        )
-    return key
-
-
-def _load_or_create_default_key(path: Path) -> Ed25519PrivateKey:
-    if path.exists():
-        return _read_key(path, field="default key")
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(path.parent, 0o700)
-    key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    # Publish a complete file under the final name exclusively: two processes racing here
-    # both write a temp file, one hard link wins, the other reads the winner's key.
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=".key-", suffix=".tmp")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), 0o600)
-            handle.write(pem)
-            handle.flush()
-            os.fsync(handle.fileno())
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            return _read_key(path, field="default key")
-        except OSError:
-            # Filesystems without hard links: exclusive create of the final name instead.
-            if not _create_exclusive(path, pem):
-                return _read_key(path, field="default key")
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
-    return key
-
-
-def _create_exclusive(path: Path, data: bytes) -> bool:
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return False
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    return True
 
 
 def _b64decode(value: Any) -> bytes:

@@ -32,11 +32,18 @@ from services.core.layout import (
     DNA_FILE,
     EXPORT_FORMAT,
     EXPORT_MANIFEST_FILE,
+    EXPORT_SIGNATURE_FILE,
+    LOGS,
+    MODEL_SIGNATURES_DIR,
+    MODEL_SIGNING_PUBLIC_KEY_FILE,
     PROOF_FILE,
 )
 from services.core.ledger import ALGORITHM, PROOF_EVENT, verify_proof_signature
+from services.core.model_signatures import verify_signature
 
 JSON_FILES = (*ARTIFACT_FILES, DNA_FILE, PROOF_FILE)
+MODEL_SIGNING_FIELD = "model_signing"
+"""The DNA's {run folder path: sha256} of the OpenSSF model signatures and their public key."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +95,7 @@ def verify_run_folder(
         _check_dna(run_dir, dna, problems)
         if not adapters_dir.is_symlink() and adapters_dir.is_dir():
             _check_adapters(adapters_dir, dna.get("adapters"), problems)
+        _check_model_signatures(run_dir, dna, problems, notes)
         if models_root is None:
             models_root = _models_root_of(run_dir)
         _check_base_models(dna.get("base_models"), models_root, problems, notes, base_models)
@@ -99,7 +107,13 @@ def verify_run_folder(
         _check_proof(proof, dna if isinstance(dna, dict) else None, trusted_public_key, problems)
         _note_signer_and_ledger(proof, trusted_public_key, notes)
 
-    expected = {*JSON_FILES, ADAPTERS_DIR}
+    expected = {
+        *JSON_FILES,
+        ADAPTERS_DIR,
+        MODEL_SIGNATURES_DIR,
+        MODEL_SIGNING_PUBLIC_KEY_FILE,
+        *LOGS,
+    }
     for extra in sorted(p.name for p in run_dir.iterdir() if p.name not in expected):
         notes.append(f"{extra} is in the run folder but is not part of the certified run.")
     return report
@@ -139,6 +153,7 @@ def verify_export_folder(
         )
     _check_signature(EXPORT_MANIFEST_FILE, manifest, "manifest", trusted_public_key, problems)
     files = _check_export_files(path, manifest.get("files"), problems)
+    _check_export_model_signature(path, files, problems, notes)
 
     dna = _read_json_artifact(path / DNA_FILE, problems)
     if dna is not None and not isinstance(dna, dict):
@@ -199,6 +214,28 @@ def _check_export_files(path: Path, recorded: Any, problems: list[str]) -> dict[
                 f"{EXPORT_MANIFEST_FILE} records {recorded[name]})."
             )
     return recorded
+
+
+def _check_export_model_signature(
+    path: Path, files: Mapping[str, str], problems: list[str], notes: list[str]
+) -> None:
+    """The export's OpenSSF model signature (model.sig, which the manifest lists) holds for
+    the folder with the public key beside it, as `model_signing verify key` checks it."""
+    if EXPORT_SIGNATURE_FILE not in files:
+        notes.append(
+            f"{EXPORT_MANIFEST_FILE} lists no OpenSSF model signature ({EXPORT_SIGNATURE_FILE}): "
+            "the folder was exported before oneseek signed exports."
+        )
+        return
+    signature, public_key = path / EXPORT_SIGNATURE_FILE, path / MODEL_SIGNING_PUBLIC_KEY_FILE
+    if not signature.is_file() or not public_key.is_file():
+        return  # reported as missing by the manifest check
+    reason = verify_signature(path, signature, public_key)
+    if reason is not None:
+        problems.append(
+            f"{EXPORT_SIGNATURE_FILE}: the OpenSSF model signature does not verify for this "
+            f"folder with {MODEL_SIGNING_PUBLIC_KEY_FILE}: {reason}"
+        )
 
 
 def _check_export_against_dna(
@@ -348,6 +385,72 @@ def _check_adapters(adapters_dir: Path, recorded: Any, problems: list[str]) -> N
                 f"{shown} has changed since the run was certified (sha256 {actual[path]}, "
                 f"{DNA_FILE} records {expected[path]})."
             )
+
+
+def _check_model_signatures(
+    run_dir: Path, dna: dict[str, Any], problems: list[str], notes: list[str]
+) -> None:
+    """Each adapter's OpenSSF model signature and the public key are the files the DNA pins,
+    and each signature holds for its adapter folder, as `model_signing verify key` checks it."""
+    recorded = dna.get(MODEL_SIGNING_FIELD)
+    if recorded is None:
+        notes.append(
+            f"{DNA_FILE} records no OpenSSF model signatures (the run was certified before "
+            "oneseek signed adapters); the adapters are checked against the DNA alone."
+        )
+        return
+    if not isinstance(recorded, dict) or not all(
+        isinstance(name, str) and isinstance(digest, str) for name, digest in recorded.items()
+    ):
+        problems.append(f"{DNA_FILE} has no {MODEL_SIGNING_FIELD} object of {{path: sha256}}.")
+        return
+    adapters = dna.get("adapters")
+    models = sorted(m for m in adapters if _plain_name(m)) if isinstance(adapters, dict) else []
+    expected = {MODEL_SIGNING_PUBLIC_KEY_FILE, *(_signature_of(m) for m in models)}
+    for name in sorted(expected - recorded.keys()):
+        problems.append(f"{DNA_FILE} records no sha256 for {name}.")
+    signatures = run_dir / MODEL_SIGNATURES_DIR
+    present = (
+        {f"{MODEL_SIGNATURES_DIR}/{p.name}" for p in signatures.iterdir()}
+        if signatures.is_dir() and not signatures.is_symlink()
+        else set()
+    )
+    for name in sorted(present - recorded.keys()):
+        problems.append(f"{name} is an extra file that {DNA_FILE} does not list.")
+    for name, digest in sorted(recorded.items()):
+        if name != MODEL_SIGNING_PUBLIC_KEY_FILE and name not in map(_signature_of, models):
+            problems.append(f"{DNA_FILE} lists {name!r}, which is no model's signature.")
+            continue
+        path = run_dir / name
+        if path.is_symlink() or not path.is_file():
+            problems.append(f"{name} is missing ({DNA_FILE} lists it).")
+        elif (actual := sha256_file(path)) != digest:
+            problems.append(
+                f"{name} has changed since the run was certified (sha256 {actual}, {DNA_FILE} "
+                f"records {digest})."
+            )
+    public_key = run_dir / MODEL_SIGNING_PUBLIC_KEY_FILE
+    for model in models:
+        folder, signature = run_dir / ADAPTERS_DIR / model, run_dir / _signature_of(model)
+        if not (public_key.is_file() and signature.is_file() and folder.is_dir()):
+            continue  # reported above
+        if folder.is_symlink() or signature.is_symlink() or public_key.is_symlink():
+            continue
+        reason = verify_signature(folder, signature, public_key)
+        if reason is not None:
+            problems.append(
+                f"{ADAPTERS_DIR}/{model}/ does not verify against its OpenSSF model signature "
+                f"{_signature_of(model)}: {reason}"
+            )
+
+
+def _signature_of(model: str) -> str:
+    return f"{MODEL_SIGNATURES_DIR}/{model}.sig"
+
+
+def _plain_name(name: Any) -> bool:
+    """A model name from the file being verified names one folder, never a path elsewhere."""
+    return isinstance(name, str) and name not in ("", ".", "..") and Path(name).name == name
 
 
 def _models_root_of(run_dir: Path) -> Path | None:

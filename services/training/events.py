@@ -41,6 +41,10 @@ class EventLog:
         self._sinks = list(sinks)
         self._file: IO[str] | None = None
 
+    def add_sink(self, sink: EventSink) -> None:
+        """`sink` is called with every event emitted from now on, after the others."""
+        self._sinks.append(sink)
+
     def emit(self, kind: str, payload: Any) -> training_pb2.TrainingEvent:
         """Wraps `payload` (a message of the oneof field `kind`) in a stamped event.
 

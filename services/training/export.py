@@ -34,9 +34,12 @@ from services.core.layout import (
     DNA_FILE,
     EXPORT_FORMAT,
     EXPORT_MANIFEST_FILE,
+    EXPORT_SIGNATURE_FILE,
+    MODEL_SIGNING_PUBLIC_KEY_FILE,
     PROOF_FILE,
 )
 from services.core.ledger import load_signing_key, public_key_b64, signed_payload
+from services.core.model_signatures import ModelSigner, model_signer
 from services.training.models import quiet_progress
 from services.training.trained import (
     TrainedSource,
@@ -62,6 +65,7 @@ def export_model(
     merge: bool,
     models_root: Path | None = None,
     key_path: Path | None = None,
+    model_signing_key_path: Path | None = None,
 ) -> Path:
     """Write `model` of the certified run in `run_dir` to the new folder `out`; returns `out`.
 
@@ -77,13 +81,17 @@ def export_model(
 
     Refused before anything is written: a run folder that does not verify (Conflict), a model
     the run lacks (NotFound), an `out` that is not new or empty, or lies inside the run folder
-    (InvalidInput, field "out"). The signing key is the ledger's (`load_signing_key`).
+    (InvalidInput, field "out"). The manifest is signed with the ledger's key
+    (`load_signing_key`); the folder also gets an OpenSSF model signature (`model.sig`, with
+    `model_signing_public_key.pem`), made with the model-signing key (`model_signer`) over every
+    file but itself and the manifest, which lists both in turn.
     """
     run_dir, out = Path(run_dir), Path(out)
     _check_out(out, run_dir)
     with _model_field():
         source = locate(run_dir, model, models_root or default_models_root(run_dir))
         key = load_signing_key(key_path)
+        signer = model_signer(model_signing_key_path)
         merging = source.lora and merge
         device = choose_device(source) if merging and source.four_bit else torch.device("cpu")
         if merging:
@@ -101,6 +109,7 @@ def export_model(
         _copy_certificate(source, staging)
         merged = merging or not source.lora
         (staging / CARD_FILE).write_text(model_card(source, merged=merged), encoding="utf-8")
+        _sign_model(signer, staging)
         _sync_files(staging)
         manifest = _manifest(source, staging, merged=merged, certified=certified, changed=changed)
         _sign(manifest, key)
@@ -324,6 +333,15 @@ def _sign(manifest: dict[str, Any], key: Ed25519PrivateKey) -> None:
     signed (so `verify_proof_signature` checks both)."""
     manifest["signer_public_key"] = public_key_b64(key)
     manifest["signature"] = base64.b64encode(key.sign(signed_payload(manifest))).decode("ascii")
+
+
+def _sign_model(signer: ModelSigner, staging: Path) -> None:
+    """The OpenSSF model signature of the export: every file but the signature itself and the
+    manifest (written after it, and listing it); both are recorded in the signature as ignored,
+    so the stock `model_signing verify key` skips them too. The folder's name is not signed."""
+    (staging / MODEL_SIGNING_PUBLIC_KEY_FILE).write_bytes(signer.public_key_pem)
+    ignored = (EXPORT_SIGNATURE_FILE, EXPORT_MANIFEST_FILE)
+    signer.sign(staging, staging / EXPORT_SIGNATURE_FILE, ignore=ignored)
 
 
 def _copy_hashing(source: Path, target: Path) -> str:
@@ -577,6 +595,15 @@ def _provenance(source: TrainedSource) -> list[str]:
         "",
         "```sh",
         "oneseek verify <this folder>",
+        "```",
+        "",
+        f"`{EXPORT_SIGNATURE_FILE}` is an OpenSSF model signature (the `model-signing` package) "
+        f"of every file here but itself and `{EXPORT_MANIFEST_FILE}`, made with the EC key whose "
+        f"public half is `{MODEL_SIGNING_PUBLIC_KEY_FILE}`; the stock command checks it:",
+        "",
+        "```sh",
+        f"model_signing verify key --signature <this folder>/{EXPORT_SIGNATURE_FILE} "
+        f"--public_key <this folder>/{MODEL_SIGNING_PUBLIC_KEY_FILE} <this folder>",
         "```",
     ]
 

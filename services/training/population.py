@@ -54,6 +54,7 @@ from services.training.member import StepInfo as StepInfo
 from services.training.memory_plan import plan_members
 from services.training.models import BaseModelInfo
 from services.training.run_folder import RunFolder, RunSummary
+from services.training.tensorboard_log import TensorBoardLog
 
 log = logging.getLogger("oneseek.training.population")
 
@@ -294,6 +295,7 @@ class TrainingRun:
     def run(self) -> RunSummary:
         self._started = time.monotonic()
         self.folder.started()
+        board = TensorBoardLog.follow(self.folder.tensorboard_dir, self.events)
         try:
             if not self.population.members:
                 self.prepare()
@@ -305,6 +307,7 @@ class TrainingRun:
         finally:
             self.executor.close()
             self.events.close()
+            board.close()
 
     def _train(self) -> training_pb2.RunStatus.ValueType:
         population = self.population

@@ -2,12 +2,14 @@
 
 Adapters are written as whole folders swapped in atomically; every JSON file goes through
 the atomic writer. `certify` writes the final files in the order the DNA needs them:
-live_metrics.json, training_results.json, then oneseek_dna.json and ledger_proof.json.
+live_metrics.json, training_results.json, each adapter's OpenSSF model signature and their
+public key, then oneseek_dna.json (which pins all of them) and ledger_proof.json.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import platform
@@ -23,12 +25,21 @@ from services.api import training_pb2
 from services.api.codec import format_timestamp, now_timestamp, run_status_name
 from services.api.run_config import RunConfig, config_from_dict, config_to_dict
 from services.core.adaptive_weights import lr_multipliers
-from services.core.atomic import replace_dir_atomic, write_json_atomic
+from services.core.atomic import replace_dir_atomic, write_bytes_atomic, write_json_atomic
 from services.core.dna import build_dna, model_fingerprint, write_dna
 from services.core.errors import ArtifactError, InvalidInput, OneSeekError
-from services.core.layout import ADAPTERS_DIR, LIVE_METRICS_FILE, MANIFEST_FILE, RESULTS_FILE
+from services.core.layout import (
+    ADAPTERS_DIR,
+    LIVE_METRICS_FILE,
+    MANIFEST_FILE,
+    MODEL_SIGNATURES_DIR,
+    MODEL_SIGNING_PUBLIC_KEY_FILE,
+    RESULTS_FILE,
+    TENSORBOARD_DIR,
+)
 from services.core.layout import certified_root as certified_root
 from services.core.ledger import write_ledger_proof
+from services.core.model_signatures import model_signer
 from services.core.training_config import validate_run_id
 from services.training.checkpoints import TrainingProgress
 from services.training.models import BaseModelInfo
@@ -38,6 +49,10 @@ LOCK_FILE = ".worker.lock"
 LIVE_METRICS_KEYS = [
     f.name for f in training_pb2.RunMetrics.DESCRIPTOR.fields if f.name != "training_history"
 ]
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def iso_now() -> str:
@@ -192,6 +207,11 @@ class RunFolder:
             fcntl.flock(handle, fcntl.LOCK_UN)
             return False
 
+    @property
+    def tensorboard_dir(self) -> Path:
+        """The run's TensorBoard event files (a log of its events, outside the certificate)."""
+        return self.path / TENSORBOARD_DIR
+
     def started(self) -> None:
         (self.path / ADAPTERS_DIR).mkdir(exist_ok=True)
 
@@ -306,6 +326,7 @@ class RunFolder:
         }
         self._record(summary, self._results(summary, reasons[summary.status]))
         try:
+            signed = self.sign_adapters()
             doc = build_dna(
                 run_id=self.run_id,
                 created_at=self.created_at,
@@ -317,6 +338,7 @@ class RunFolder:
                 run_dir=self.path,
                 final_weights=summary.progress.weights,
                 training_config=config_to_dict(config),
+                model_signing=signed,
             )
             write_dna(self.path, doc)
             write_ledger_proof(
@@ -331,6 +353,26 @@ class RunFolder:
                 f"Cannot write the certificate of {self.path}: {exc.strerror or exc}."
             ) from exc
         return str(doc["dna"])
+
+    def sign_adapters(self) -> dict[str, str]:
+        """Signs each adapter folder in the OpenSSF model-signing format (`model_signing
+        verify key --signature model_signatures/<model>.sig --public_key
+        model_signing_public_key.pem adapters/<model>` checks it) and writes the public key;
+        returns the sha256 of those files by their path in the run folder, for the DNA."""
+        signer = model_signer()
+        signatures = self.path / MODEL_SIGNATURES_DIR
+        # what an earlier, interrupted certification left is not certified: start afresh
+        shutil.rmtree(signatures, ignore_errors=True)
+        signatures.mkdir()
+        write_bytes_atomic(self.path / MODEL_SIGNING_PUBLIC_KEY_FILE, signer.public_key_pem)
+        signed = {MODEL_SIGNING_PUBLIC_KEY_FILE: _sha256(signer.public_key_pem)}
+        adapters = self.path / ADAPTERS_DIR
+        for model in sorted(
+            p.name for p in adapters.iterdir() if p.is_dir() and not p.is_symlink()
+        ):
+            data = signer.sign(adapters / model, signatures / f"{model}.sig")
+            signed[f"{MODEL_SIGNATURES_DIR}/{model}.sig"] = _sha256(data)
+        return signed
 
     def write_failure(self, summary: RunSummary, error_seq: int) -> None:
         """A failed run keeps an honest record (no certificate: nothing to certify), with its
