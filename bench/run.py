@@ -1,7 +1,7 @@
 """Every bench of bench/README.md in one go: prints a table of the figures against their
 targets and writes bench/results.json (`make bench`).
 
-    .venv/bin/python bench/run.py [--quick] [--only train|live|mid|ray|generate]
+    .venv/bin/python bench/run.py [--quick] [--only train|live|mid|ray|generate|mlflow]
 
 --quick: small settings (a few minutes), for development; the figures are then only a hint.
 """
@@ -24,6 +24,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import generate  # after the environment above
 import live
 import mid_model
+import mlflow_mirror
 import ray_executor
 import train_throughput
 
@@ -120,6 +121,21 @@ ROWS: list[tuple[str, str, str, Check | None, str | None]] = [
     ("generate_ttft_ms_sse", "  time to first token ms, gateway", "", None, None),
     ("generate_tiny_ratio_vs_inprocess", "  the same on tiny-llama", "", None, None),
     (
+        "mlflow_mirror_throughput_ratio",
+        "MLflow mirror on / off, reports/s",
+        ">= 0.95",
+        lambda v: v >= 0.95,
+        "mlflow_mirror_off_reports_per_second",
+    ),
+    ("mlflow_mirror_mirrored_share_at_end", "  share in MLflow at the round's end", "", None, None),
+    (
+        "mlflow_mirror_down_throughput_ratio",
+        "  the same with MLflow down",
+        ">= 0.95",
+        lambda v: v >= 0.95,
+        None,
+    ),
+    (
         "memory_estimate_error",
         "memory estimate, worst |error|",
         "<= 0.25",
@@ -147,7 +163,7 @@ def table(results: dict[str, Any]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small settings, for development")
-    parser.add_argument("--only", choices=("train", "live", "mid", "ray", "generate"))
+    parser.add_argument("--only", choices=("train", "live", "mid", "ray", "generate", "mlflow"))
     args = parser.parse_args()
     started = time.monotonic()
     results: dict[str, Any] = {}
@@ -164,6 +180,9 @@ def main() -> int:
             results.update(ray_executor.run(work / "ray", epochs=2 if args.quick else 4))
         if args.only in (None, "generate"):
             results.update(generate.run(work / "generate", rounds=2 if args.quick else 5))
+        if args.only in (None, "mlflow"):
+            rounds, seconds = (2, 4.0) if args.quick else (6, 10.0)
+            results.update(mlflow_mirror.run(work / "mlflow", rounds, seconds))
     results["load_average_after"] = os.getloadavg()[0]
     results["seconds"] = round(time.monotonic() - started, 1)
     # every other key is a number; what the figures were measured on is under "about"

@@ -12,13 +12,16 @@ retried with backoff (0.5 s, doubling, at most 30 s); nothing else changes.
 Calls go through MLflow's own client (`MlflowClient`). Its HTTP retries are turned off and its
 timeout shortened (MLFLOW_HTTP_REQUEST_MAX_RETRIES=0, MLFLOW_HTTP_REQUEST_TIMEOUT=10 unless set):
 the mirror retries itself, and a stop must not wait minutes for a dead server. Its printing of
-run URLs is turned off (MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT=true unless set).
+run URLs and its usage telemetry (threads posting to MLflow's servers) are turned off
+(MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT, MLFLOW_DISABLE_TELEMETRY =true unless set).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import importlib.util
 import logging
 import os
 import queue
@@ -29,7 +32,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-from services.metrics.catalog import PAGE_SIZE
+from services.core.errors import InvalidInput
 from services.metrics.mlflow_plan import (
     RUNNING,
     TAG_RUN_ID,
@@ -53,6 +56,10 @@ T = TypeVar("T")
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
 DEFAULT_EXPERIMENT = "oneseek"
+THREAD_NICE = 10
+PAGE_SIZE = 128
+"""Events read (and decoded) at a time: about two calls' worth of epochs, so a backlog paced
+over minutes is not decoded far ahead of what is sent."""
 
 
 @dataclass(frozen=True)
@@ -63,9 +70,9 @@ class MirrorConfig:
     experiment: str = DEFAULT_EXPERIMENT
     linger: float = 0.5
     """Seconds to wait after a write wakes the mirror, so that an epoch's events go in one call."""
-    busy_share: float = 0.1
+    busy_share: float = 0.05
     """The most of the wall clock a backlog may spend waiting on MLflow (see `Pace`)."""
-    burst: float = 2.0
+    burst: float = 0.5
     """Seconds of MLflow calls allowed back to back before the share applies."""
     backoff_initial: float = 0.5
     backoff_max: float = 30.0
@@ -82,10 +89,16 @@ def mirror_config(
     tracking_uri: str | None = None, experiment: str | None = None
 ) -> MirrorConfig | None:
     """The mirror's settings from the flags, else the environment; None when no tracking URI is
-    set (the mirror is off)."""
+    set (the mirror is off). Refused when mlflow is not installed (checked without importing)."""
     uri = tracking_uri or os.environ.get(TRACKING_URI_ENV)
     if not uri:
         return None
+    if importlib.util.find_spec("mlflow") is None:
+        raise InvalidInput(
+            f"{TRACKING_URI_ENV} (or --mlflow-tracking-uri) asks for an MLflow mirror, but mlflow "
+            "is not installed: pip install 'oneseek[mlflow]', or unset it.",
+            field=TRACKING_URI_ENV,
+        )
     name = experiment or os.environ.get(EXPERIMENT_ENV) or DEFAULT_EXPERIMENT
     return MirrorConfig(uri, name)
 
@@ -127,6 +140,8 @@ class MlflowTracker:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(self.config.request_timeout))
         # set_terminated would print the run's URL to stdout (and ask MLflow for the run first)
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+        # MLflow's client reports its usage to MLflow's servers from threads of its own
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         from mlflow.tracking import MlflowClient
 
         self._client = MlflowClient(tracking_uri=self.config.tracking_uri)
@@ -155,8 +170,8 @@ class MlflowTracker:
                     raise
                 found = self.client.get_experiment_by_name(name)
                 assert found is not None
-        if found.lifecycle_stage == "deleted":
-            raise TrackerRefused(
+        if found.lifecycle_stage == "deleted":  # nothing can be mirrored until it is fixed
+            raise TrackerUnavailable(
                 f"MLflow experiment {name!r} is deleted: restore it in MLflow, or set "
                 f"{EXPERIMENT_ENV} / --mlflow-experiment to another name."
             )
@@ -169,6 +184,7 @@ class MlflowTracker:
 
     def _open_run(self, start: Opening) -> str:
         from mlflow.entities import Param
+        from mlflow.exceptions import MlflowException
 
         experiment = self.experiment_id()
         found = self.client.search_runs(
@@ -185,7 +201,15 @@ class MlflowTracker:
             )
             run_id = str(run.info.run_id)
         for piece in chunked(start.params):
-            self.client.log_batch(run_id, params=[Param(k, v) for k, v in piece.items()])
+            try:
+                self.client.log_batch(run_id, params=[Param(k, v) for k, v in piece.items()])
+            except MlflowException as error:
+                if not _refusal(error):
+                    raise
+                # a run found by its tag with other params (its id reused by another run): the
+                # metrics still go to it, under the params it has
+                log.warning("MLflow kept the params run %s had: %s", start.run_id, _brief(error))
+                break
         return run_id
 
     def log(self, run_id: str, step: Step) -> None:
@@ -215,14 +239,19 @@ def _sorted_errors(call: Callable[..., T], *args: Any) -> T:
     except (TrackerRefused, TrackerUnavailable):
         raise
     except MlflowException as error:
-        status: int = error.get_http_status_code()  # type: ignore[no-untyped-call]
-        # 4xx: this request is wrong and will stay so; 5xx (MLflow's own "connection refused"
-        # is a 500), 408 and 429: MLflow is not there or not ready
-        if 400 <= status < 500 and status not in (408, 429):
+        if _refusal(error):
             raise TrackerRefused(str(error)) from error
         raise TrackerUnavailable(str(error)) from error
     except Exception as error:  # the transport's own (a timeout, a reset connection)
         raise TrackerUnavailable(f"{type(error).__name__}: {error}") from error
+
+
+def _refusal(error: Any) -> bool:
+    """Whether an MlflowException says the request is wrong and will stay so (4xx), rather than
+    that MLflow is not there or not ready (5xx: its client reports "connection refused" as a 500;
+    408, 429)."""
+    status: int = error.get_http_status_code()
+    return 400 <= status < 500 and status not in (408, 429)
 
 
 def _brief(error: Exception, limit: int = 300) -> str:
@@ -251,6 +280,10 @@ class _CallThread:
         return asyncio.wrap_future(future)
 
     def _work(self) -> None:
+        # below the event loop's thread when the CPU is short (on Linux a thread's nice value is
+        # its own): MLflow's client spends CPU on every call, the event path must not wait on it
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), THREAD_NICE)
         while (job := self._jobs.get()) is not None:
             future, fn, args = job
             if not future.set_running_or_notify_cancel():
@@ -314,7 +347,11 @@ class MlflowMirror:
 
     async def _run(self) -> None:
         assert self._thread is not None
-        await self._thread.call(self.tracker.connect)
+        try:
+            await self._thread.call(self.tracker.connect)
+        except Exception:  # a broken mlflow install: the service goes on without its mirror
+            log.exception("the MLflow mirror could not start; runs are not mirrored")
+            return
         delay = self.config.backoff_initial
         self._wake.set()  # whatever was stored while the service (or its mirror) was off
         while True:
@@ -327,11 +364,6 @@ class MlflowMirror:
                 self._unavailable(error)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.config.backoff_max)
-                self._wake.set()
-                continue
-            except TrackerRefused as error:  # the experiment itself: nothing can be mirrored
-                self._unavailable(error)
-                await asyncio.sleep(self.config.backoff_max)
                 self._wake.set()
                 continue
             except Exception:
@@ -364,7 +396,11 @@ class MlflowMirror:
 
     async def _mirror_run(self, record: RunRecord, position: MirrorPosition | None) -> None:
         if position is None:
-            external_id = await self._call(self.tracker.open_run, opening(record))
+            try:
+                external_id = await self._call(self.tracker.open_run, opening(record))
+            except TrackerRefused as error:  # tried again at the next pass
+                self._log_refusal(record.run_id, record.last_seq, error)
+                return
             position = MirrorPosition(record.run_id, external_id)
             await self.store.save_mirror_position(self.config.target, position)
         while True:
@@ -378,7 +414,7 @@ class MlflowMirror:
                         try:
                             await self._call(self.tracker.log, position.external_id, step)
                         except TrackerRefused as error:
-                            self._refused_step(record.run_id, step, error)
+                            self._log_refusal(record.run_id, step.seq, error)
                     self.mirrored_events += sum(
                         1 for e in events if position.seq < e.seq <= step.seq
                     )
@@ -391,7 +427,7 @@ class MlflowMirror:
             if len(events) < PAGE_SIZE:
                 return
 
-    def _refused_step(self, run_id: str, step: Step, error: TrackerRefused) -> None:
+    def _log_refusal(self, run_id: str, seq: int, error: TrackerRefused) -> None:
         # skipped, so that one bad call never holds up the rest; said once per run
         level = logging.DEBUG if run_id in self._refused else logging.ERROR
         self._refused.add(run_id)
@@ -399,7 +435,7 @@ class MlflowMirror:
             level,
             "MLflow refused part of run %s (events up to seq %d not mirrored): %s",
             run_id,
-            step.seq,
+            seq,
             _brief(error),
         )
 

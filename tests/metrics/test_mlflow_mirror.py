@@ -235,7 +235,11 @@ class MlflowServer:
             "--workers",
             "1",
         ]
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        env = {
+            **os.environ,
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+        }
         with open(self.root / "mlflow.log", "ab") as log:
             # a session of its own: uvicorn's worker is a child, killed with it
             self.process = subprocess.Popen(
@@ -274,8 +278,11 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
 
 @pytest.fixture
 def client_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """MLflow's client in this process: no retries of its own, so a test never waits minutes."""
+    """MLflow's client in this process: no retries of its own, so a test never waits minutes;
+    no usage telemetry."""
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    monkeypatch.setenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 
@@ -404,6 +411,91 @@ async def test_a_training_run_reads_back_through_mlflows_client(
         assert run.data.tags["oneseek.status"] == "completed"
     finally:
         await server.stop(grace=1)
+
+
+async def test_what_mlflow_refuses_is_skipped_and_said_once_the_rest_goes_on(
+    tmp_path: Path,
+    mlflow_server: MlflowServer,
+    client_env: None,
+    no_tokens: None,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    experiment = "refusals"
+    client = mlflow_client(mlflow_server.uri)
+    # a run already in MLflow under this run id, with a param of other value (an id reused)
+    experiment_id = client.create_experiment(experiment)
+    taken = client.create_run(experiment_id, tags={"oneseek.run_id": RUN_ID})
+    client.log_param(taken.info.run_id, "epochs", "99")
+    server = await start_server(tmp_path, mlflow_server.uri, experiment)
+    other = "run-20260131-150000"
+    try:
+        assert server.catalog is not None and server.mirror is not None
+        half = run_events(three_epochs(), ending="running")[:8]
+        await server.catalog.commit(with_cursors(half), new_runs=[record_from_run(run_message())])
+        rest = run_events(three_epochs(), run_id=other)
+        await server.catalog.commit(
+            with_cursors(rest[:5], start=100), new_runs=[record_from_run(run_message(other))]
+        )
+        await asyncio.to_thread(
+            eventually, lambda: mirrored_run(client, experiment, other), what="other run"
+        )
+
+        def with_metrics() -> Any:
+            found = mirrored_run(client, experiment, RUN_ID)
+            return found if found is not None and found.data.metrics else None
+
+        # the metrics went to the run that was there, under its params
+        found = await asyncio.to_thread(eventually, with_metrics, what="the run found by tag")
+        assert found.info.run_id == taken.info.run_id and found.data.params["epochs"] == "99"
+        assert "MLflow kept the params run" in caplog.text
+
+        # the other run deleted in MLflow: its next events are refused, said once, skipped
+        client.delete_run(mirrored_run(client, experiment, other).info.run_id)
+        await server.catalog.commit(with_cursors(rest[5:9], start=105))
+        await server.catalog.commit(with_cursors(rest[9:], start=109))
+        full = run_events(three_epochs())
+        await server.catalog.commit(with_cursors(full[8:], start=8))
+
+        def finished() -> Any:
+            found = mirrored_run(client, experiment, RUN_ID)
+            return found if found is not None and found.info.status == "FINISHED" else None
+
+        await asyncio.to_thread(eventually, finished, what="the first run finished")
+
+        def skipped() -> bool | None:
+            positions = {p.run_id: p.seq for p in positions_of(tmp_path)}
+            return True if positions.get(other) == len(rest) else None
+
+        await asyncio.to_thread(eventually, skipped, what="the refused events skipped")
+        refusals = [r for r in caplog.records if "MLflow refused part of run" in r.getMessage()]
+        assert [r.levelname for r in refusals if r.levelname == "ERROR"] == ["ERROR"]
+        assert other in refusals[0].getMessage()
+    finally:
+        await server.stop(grace=1)
+
+
+def positions_of(tmp_path: Path) -> list[Any]:
+    from services.metrics.records import MirrorPosition
+
+    with sqlite3.connect(tmp_path / "metrics.db") as db:
+        rows = db.execute("SELECT run_id, external_id, seq, status FROM mirror_positions")
+        return [MirrorPosition(*row) for row in rows.fetchall()]
+
+
+def test_asking_for_a_mirror_without_mlflow_installed_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import importlib.util
+
+    from services.core.errors import InvalidInput
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a)
+    )
+    with pytest.raises(InvalidInput) as refused:
+        mirror_config("http://127.0.0.1:5000")
+    assert "pip install 'oneseek[mlflow]'" in refused.value.message
 
 
 def resume(run_id: str) -> list[training_pb2.TrainingEvent]:
