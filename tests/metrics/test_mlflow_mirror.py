@@ -1,13 +1,16 @@
 """The MLflow mirror: what a run's events become in MLflow (pure planning, and the pace), then
 against a real `mlflow server` on loopback, read back through MLflow's own client: a training
-run's params, metrics per epoch, tags (DNA, run folder) and status; an outside run reported to
-the real metrics service process; MLflow killed mid-run (the service keeps answering, then the
-mirror catches up with exactly the missed epochs), and restarts of the metrics service.
+run's params, metrics per epoch, tags (DNA, run folder) and status, a failed and a resumed run;
+restarts of the metrics service (only what is new is sent; a lost position sends all again and
+nothing is kept twice); refusals skipped; an outside run reported to the real metrics service
+process with MLflow killed mid-run (the service keeps answering, then the mirror catches up with
+exactly the missed epochs); and a run trained for real by the whole suite.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -409,6 +412,28 @@ async def test_a_training_run_reads_back_through_mlflows_client(
         assert server.mirror.mirrored_events == len(resumed)
         assert [s for s, _ in history(client, run, "val_loss/tiny-qwen")] == [1, 2, 3]
         assert run.data.tags["oneseek.status"] == "completed"
+    finally:
+        await server.stop(grace=1)
+
+    # a position lost (the service killed between a call and saving it): everything of the run
+    # is sent again, and MLflow keeps each value once (same key, step, timestamp and value)
+    with contextlib.closing(sqlite3.connect(tmp_path / "metrics.db")) as db, db:
+        db.execute("UPDATE mirror_positions SET seq = 0 WHERE run_id = ?", (RUN_ID,))
+    server = await start_server(tmp_path, mlflow_server.uri, experiment)
+    try:
+        assert server.mirror is not None
+
+        def resent() -> bool | None:
+            seqs = {p.run_id: p.seq for p in positions_of(tmp_path)}
+            return True if seqs[RUN_ID] == len(events) else None
+
+        await asyncio.to_thread(eventually, resent, what="the run sent again")
+        assert server.mirror.mirrored_events == len(events)
+        run = mirrored_run(client, experiment, RUN_ID)
+        for model in ("tiny-llama", "tiny-gpt2", "tiny-qwen"):
+            expected = [(e + 1, losses[model]) for e, losses in enumerate(three_epochs())]
+            assert history(client, run, f"val_loss/{model}") == expected
+        assert run.info.status == "FINISHED"
     finally:
         await server.stop(grace=1)
 
