@@ -1,7 +1,7 @@
 """Every bench of bench/README.md in one go: prints a table of the figures against their
 targets and writes bench/results.json (`make bench`).
 
-    .venv/bin/python bench/run.py [--quick] [--only train|live|mid|ray|generate|mlflow]
+    .venv/bin/python bench/run.py [--quick] [--only train|live|mid|ray|generate|mlflow|callback]
 
 --quick: small settings (a few minutes), for development; the figures are then only a hint.
 """
@@ -27,6 +27,7 @@ import mid_model
 import mlflow_mirror
 import ray_executor
 import train_throughput
+import trainer_callback
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
 
@@ -136,6 +137,22 @@ ROWS: list[tuple[str, str, str, Check | None, str | None]] = [
         None,
     ),
     (
+        "callback_overhead_ratio",
+        "HF Trainer epoch, callback on / off - 1",
+        "< 0.01",
+        lambda v: v < 0.01,
+        "callback_epoch_seconds_without",
+    ),
+    (
+        "callback_cost_bound_ratio",
+        "  hooks + sending CPU / epoch",
+        "< 0.01",
+        lambda v: v < 0.01,
+        None,
+    ),
+    ("callback_noise_ratio", "  two Trainers without it (noise)", "", None, None),
+    ("callback_reports_missing", "  epochs reported, not stored", "0", lambda v: v == 0, None),
+    (
         "memory_estimate_error",
         "memory estimate, worst |error|",
         "<= 0.25",
@@ -163,7 +180,9 @@ def table(results: dict[str, Any]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small settings, for development")
-    parser.add_argument("--only", choices=("train", "live", "mid", "ray", "generate", "mlflow"))
+    parser.add_argument(
+        "--only", choices=("train", "live", "mid", "ray", "generate", "mlflow", "callback")
+    )
     args = parser.parse_args()
     started = time.monotonic()
     results: dict[str, Any] = {}
@@ -183,6 +202,9 @@ def main() -> int:
         if args.only in (None, "mlflow"):
             rounds, seconds = (2, 4.0) if args.quick else (6, 10.0)
             results.update(mlflow_mirror.run(work / "mlflow", rounds, seconds))
+        if args.only in (None, "callback"):
+            rounds = 5 if args.quick else 15
+            results.update(trainer_callback.run(work / "callback", rounds=rounds))
     results["load_average_after"] = os.getloadavg()[0]
     results["seconds"] = round(time.monotonic() - started, 1)
     # every other key is a number; what the figures were measured on is under "about"

@@ -1,5 +1,6 @@
 """Imports only go down the floors of docs/architecture.md: core < api < (training | metrics),
-and the gateway on api and core alone. A test, so an arrow the wrong way fails at once."""
+and the gateway and the client (services.client) on api and core alone. A test, so an arrow
+the wrong way fails at once."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ MAY_IMPORT: dict[str, tuple[str, ...]] = {
     "services.training": ("services.training", "services.api", "services.core"),
     "services.metrics": ("services.metrics", "services.api", "services.core"),
     "gateway": ("gateway", "services.api", "services.core"),
+    "services.client": ("services.client", "services.api", "services.core"),
 }
 
 
