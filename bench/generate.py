@@ -13,11 +13,11 @@ in-process, gRPC, gateway, so machine noise falls on all three; figures are medi
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -26,7 +26,6 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import grpc
 import torch
@@ -34,9 +33,22 @@ import torch
 from services.api import training_pb2, training_pb2_grpc
 from services.training.demo_assets import create_demo_assets
 from services.training.trained import load_trained, locate
-from tests.processes import ONESEEK, GatewayProcess, ServiceProcess
 
+# The repo root is deliberately not put on sys.path: its datasets/ folder would shadow the
+# `datasets` library that transformers probes for (bench/mid_model.py). `services` comes from the
+# editable install; the tests' process helpers are loaded from their file.
 REPO = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location(
+    "oneseek_bench_processes", REPO / "tests" / "processes.py"
+)
+assert _spec is not None and _spec.loader is not None
+processes = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(processes)
+ONESEEK, GatewayProcess, ServiceProcess = (
+    processes.ONESEEK,
+    processes.GatewayProcess,
+    processes.ServiceProcess,
+)
 MODELS = ("tiny-llama", "mid-llama")
 PROMPT = "Explain how the adaptive weights engine ranks the models"
 TOKEN = "bench-generate-token"

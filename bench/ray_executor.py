@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -25,7 +24,8 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# the repo root is not put on sys.path: its datasets/ folder would shadow the `datasets` library
+# (bench/mid_model.py); `services` comes from the editable install
 
 from services.api.run_config import adaptive_weights, config_from_body
 from services.core.adaptive_weights import adjust_weights, lr_multipliers

@@ -21,7 +21,6 @@ per-epoch cost: a new callback opens its channel once per training run (a few ms
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -38,24 +37,6 @@ from suite import ONESEEK, demo_assets, free_port, spawn, stop_process, wait_grp
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
 REPO = Path(__file__).resolve().parents[1]
-
-
-def hide_the_data_folder() -> None:
-    """bench/run.py puts the repository on sys.path (bench/generate.py imports tests.processes),
-    where its datasets/ folder would pass for the `datasets` library, which the Trainer then
-    uses. The library is not installed: say so (None in sys.modules), and forget a cached
-    answer."""
-    present = sys.modules.get("datasets")
-    if present is None and "datasets" not in sys.modules:
-        spec = importlib.util.find_spec("datasets")
-        namespace = spec is not None and spec.origin in (None, "namespace")
-    else:
-        namespace = present is not None and getattr(present, "__file__", None) is None
-    if namespace:
-        sys.modules["datasets"] = None  # type: ignore[assignment]
-        utils = sys.modules.get("transformers.utils.import_utils")
-        if utils is not None:
-            utils.is_datasets_available.cache_clear()
 
 
 def texts(count: int) -> list[str]:
@@ -136,7 +117,6 @@ def timed_callback(
 def run(
     work: Path, rounds: int = 15, epochs: int = 2, model: str = "tiny-llama", records: int = 360
 ) -> dict[str, Any]:
-    hide_the_data_folder()
     import torch
 
     # one intra-op thread: on a shared 2-core machine torch's two stall whenever another process
