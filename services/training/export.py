@@ -18,7 +18,6 @@ import shutil
 import tarfile
 import tempfile
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from services.api.codec import format_timestamp, now_timestamp
 from services.core.atomic import fsync_dir, write_bytes_atomic, write_json_atomic
 from services.core.dna import hash_tree
-from services.core.errors import ArtifactError, Conflict, InvalidInput, NotFound, OneSeekError
+from services.core.errors import ArtifactError, Conflict, InvalidInput, NotFound
 from services.core.layout import (
     ADAPTERS_DIR,
     DNA_FILE,
@@ -88,16 +87,15 @@ def export_model(
     """
     run_dir, out = Path(run_dir), Path(out)
     _check_out(out, run_dir)
-    with _model_field():
-        source = locate(run_dir, model, models_root or default_models_root(run_dir))
-        key = load_signing_key(key_path)
-        signer = model_signer(model_signing_key_path)
-        merging = source.lora and merge
-        device = choose_device(source) if merging and source.four_bit else torch.device("cpu")
-        if merging:
-            verify_source(source, doing="it is not exported")  # the base too: merged into
-        else:
-            verify_source(source, needs_base=False, doing="it is not exported")
+    source = locate(run_dir, model, models_root or default_models_root(run_dir), field="model")
+    key = load_signing_key(key_path)
+    signer = model_signer(model_signing_key_path)
+    merging = source.lora and merge
+    device = choose_device(source) if merging and source.four_bit else torch.device("cpu")
+    if merging:
+        verify_source(source, doing="it is not exported")  # the base too: merged into
+    else:
+        verify_source(source, needs_base=False, doing="it is not exported")
     staging = _staging(out)
     try:
         if not source.lora:
@@ -159,18 +157,6 @@ def _staging(out: Path) -> Path:
         raise InvalidInput(
             f"Cannot make the export folder {out}: {error.strerror or error}.", field="out"
         ) from error
-
-
-@contextmanager
-def _model_field() -> Iterator[None]:
-    """trained.py names the model field `models` (a generate request's); an export names one
-    `model`."""
-    try:
-        yield
-    except OneSeekError as error:
-        if error.field != "models":
-            raise
-        raise type(error)(error.message, field="model") from error
 
 
 def _recorded(source: TrainedSource) -> dict[str, str]:

@@ -42,6 +42,9 @@ class TrainedSource:
     config: RunConfig
     dna: dict[str, Any]
     results: dict[str, Any]
+    field: str = "models"
+    """The request field that named the model (a generate request's `models`, an export's
+    `model`): every refusal about the model names it."""
 
     @property
     def run_id(self) -> str:
@@ -89,11 +92,13 @@ def best_model(run_dir: Path) -> str | None:
     return str(best) if best else None
 
 
-def locate(run_dir: Path, model: str, models_root: Path | None = None) -> TrainedSource:
+def locate(
+    run_dir: Path, model: str, models_root: Path | None = None, *, field: str = "models"
+) -> TrainedSource:
     """One model of a certified run: NotFound for a folder or model that is not there, Conflict
     for a run that ended with nothing certified."""
     run_dir = Path(run_dir)
-    validate_model_name(model, "models")
+    validate_model_name(model, field)
     if not run_dir.is_dir():
         raise NotFound(f"{run_dir} is not a run folder.", field="runId")
     dna = _read_json(run_dir / DNA_FILE, run_dir)
@@ -103,13 +108,13 @@ def locate(run_dir: Path, model: str, models_root: Path | None = None) -> Traine
         raise NotFound(
             f"Model {model!r} is not one of run {run_dir.name}'s models "
             f"({', '.join(map(str, names))}).",
-            field="models",
+            field=field,
         )
     if not (run_dir / ADAPTERS_DIR / model).is_dir():
         raise Conflict(
             f"Run {run_dir.name} holds no trained weights for {model!r} (adapters/{model}/ is "
             "missing).",
-            field="models",
+            field=field,
         )
     return TrainedSource(
         run_dir=run_dir,
@@ -118,6 +123,7 @@ def locate(run_dir: Path, model: str, models_root: Path | None = None) -> Traine
         config=config_from_dict(results.get("config") or {}),
         dna=dna,
         results=results,
+        field=field,
     )
 
 
@@ -168,7 +174,7 @@ def verify_source(
     if needs_base and source.lora and not source.base_dir.is_dir():
         raise NotFound(
             f"Base model {source.model!r} of run {source.run_id} is not in {source.models_root}.",
-            field="models",
+            field=source.field,
         )
 
 
@@ -185,7 +191,7 @@ def choose_device(source: TrainedSource) -> torch.device:
         raise Conflict(
             f"Run {source.run_id} trained {source.model!r} on a 4-bit base, which needs a CUDA GPU "
             "and this machine has none; export it with --merge on a GPU machine instead.",
-            field="models",
+            field=source.field,
         )
     return torch.device("cpu")
 
@@ -313,7 +319,7 @@ def _tokenizer(source: TrainedSource) -> PreTrainedTokenizerBase:
     except (OSError, ValueError) as error:
         raise InvalidInput(
             f"The tokenizer of {source.model!r} in {where} cannot be loaded: {error}",
-            field="models",
+            field=source.field,
         ) from error
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
